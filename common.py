@@ -1,0 +1,206 @@
+"""Shared plumbing for every stage: the base dir, device and dtype, distributed
+init/teardown, rank-0 printing, timing, atomic writes and clear fatal errors."""
+
+import os
+import sys
+import time
+import tempfile
+import contextlib
+from pathlib import Path
+
+# ---------------------------------------------------------------------------
+# Paths
+
+
+def get_base_dir() -> Path:
+    """Where every artifact lives: $SPEEDCHAT_BASE_DIR, default ~/.cache/speedchat."""
+    base = os.environ.get("SPEEDCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "speedchat")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Printing, errors, timing
+
+
+def get_rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only (every rank when not under torchrun)."""
+    if get_rank() == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+class UserError(Exception):
+    """Bad input or a missing prerequisite: shown as one line, never a traceback."""
+
+
+def die(message: str, code: int = 1):
+    """Stop with a one-line message that says what to do."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def run_main(main):
+    """Run a script's main(), turning a UserError into a one-line message and exit code 1."""
+    try:
+        main()
+    except UserError as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        die("interrupted", code=130)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{s:02d}s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m"
+
+
+@contextlib.contextmanager
+def timed(label: str, printer=print0):
+    """`with timed("tokenizing"):` prints how long the block took."""
+    t0 = time.perf_counter()
+    yield
+    printer(f"{label}: {format_seconds(time.perf_counter() - t0)}")
+
+
+# ---------------------------------------------------------------------------
+# Atomic files: write to a temp name in the same folder, fsync, rename.
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed
+    onto `path`, on failure it is removed. Readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path, data):
+    """Write str or bytes to `path` atomically."""
+    with atomic_path(path) as tmp:
+        mode = "w" if isinstance(data, str) else "wb"
+        with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+            f.write(data)
+
+
+def _fsync_dir(directory):
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# Device, dtype, distributed
+
+
+def autodetect_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_dtype(device_type: str):
+    """bf16 on CUDA SM80+, fp32 elsewhere; SPEEDCHAT_DTYPE=bfloat16|float32|float16 forces it."""
+    import torch
+
+    forced = os.environ.get("SPEEDCHAT_DTYPE")
+    if forced:
+        if not hasattr(torch, forced) or not isinstance(getattr(torch, forced), torch.dtype):
+            raise UserError(f"SPEEDCHAT_DTYPE={forced!r} is not a torch dtype (use bfloat16, float16 or float32)")
+        return getattr(torch, forced)
+    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def is_distributed() -> bool:
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def compute_init(device_type: str | None = None, seed: int = 42):
+    """Set up the device and, under torchrun, the process group.
+    Returns (ddp, rank, local_rank, world_size, device). One process without
+    torchrun is the same code with world size 1."""
+    import torch
+    import torch.distributed as dist
+
+    device_type = device_type or autodetect_device()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ddp = is_distributed()
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            device = torch.device(device_type)
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Stands in for wandb when --run is unset or 'dummy'."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run_name: str | None, project: str, config: dict, master: bool):
+    if not master or not run_name or run_name == "dummy":
+        return DummyWandb()
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--run was given but wandb is not installed: `uv pip install wandb`, or drop --run")
+    return wandb.init(project=project, name=run_name, config=config)
