@@ -1,16 +1,33 @@
-"""The run report: each stage writes its own markdown section into
-$SPEEDCHAT_BASE_DIR/report/, and `python -m report generate` joins them into report.md."""
+"""The run report.
 
+Each stage writes its own markdown section (and a JSON of its numbers) into
+$SPEEDCHAT_BASE_DIR/report/. `python -m report reset` starts a new report with a header
+describing the machine and the code; `python -m report generate` joins the sections into
+report.md (in the base dir, copied to the current directory), with a summary table of the
+headline metrics per stage and PNG plots of the training curves beside it.
+"""
+
+import argparse
+import datetime
 import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
-from common import get_base_dir, atomic_write
+from common import get_base_dir, atomic_write, atomic_path, run_main, print0
 
 # Sections in the order they appear in report.md.
 SECTION_ORDER = [
     "header", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval",
     "mid-train", "chat-eval-mid", "chat-sft", "chat-eval-sft",
 ]
+TRAINING_SECTIONS = {"base-train": "base", "mid-train": "mid", "chat-sft": "sft"}
+CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+DEFAULT_GPU_HOUR_USD = 3.00  # a typical on-demand H100 rate per GPU-hour (flag --gpu-hour-usd)
 
 
 def report_dir() -> Path:
@@ -21,7 +38,7 @@ def report_dir() -> Path:
 
 def write_section(name: str, title: str, items: dict | None = None, text: str = "", data: dict | None = None):
     """Write one stage's section: a title, `- key: value` lines for `items`, free markdown `text`.
-    `data` (JSON-serialisable) is saved beside it for the summary table."""
+    `data` (JSON-serialisable) is saved beside it for the summary table and the plots."""
     lines = [f"## {title}", ""]
     for key, value in (items or {}).items():
         if isinstance(value, float):
@@ -32,3 +49,213 @@ def write_section(name: str, title: str, items: dict | None = None, text: str = 
     atomic_write(report_dir() / f"{name}.md", "\n".join(lines) + "\n")
     if data is not None:
         atomic_write(report_dir() / f"{name}.json", json.dumps(data, indent=2, sort_keys=True))
+
+
+def read_data(name: str) -> dict:
+    path = report_dir() / f"{name}.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+# ---------------------------------------------------------------------------
+# The header: when, what code, what machine, what it costs
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_info() -> dict:
+    repo = Path(__file__).resolve().parent
+    commit = _run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]) or "unknown"
+    dirty = bool(_run(["git", "-C", str(repo), "status", "--porcelain"]))
+    return {"commit": commit, "dirty": dirty}
+
+
+def code_metrics() -> dict:
+    """Size of the code a newcomer has to read: tracked source files of the repo."""
+    repo = Path(__file__).resolve().parent
+    listed = _run(["git", "-C", str(repo), "ls-files"]).splitlines()
+    exts = {".py", ".rs", ".sh", ".toml", ".html", ".md"}
+    chars = lines = files = 0
+    for name in listed:
+        path = repo / name
+        if path.suffix in exts and path.is_file() and not name.startswith("tests/"):
+            text = path.read_text(errors="replace")
+            chars, lines, files = chars + len(text), lines + text.count("\n"), files + 1
+    deps = 0
+    pyproject = repo / "pyproject.toml"
+    if pyproject.exists():
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            tomllib = None
+        if tomllib:
+            deps = len(tomllib.loads(pyproject.read_text()).get("project", {}).get("dependencies", []))
+    return {"characters": chars, "lines": lines, "files": files, "tokens (approx, chars/4)": chars // 4, "dependencies": deps}
+
+
+def machine_info() -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "cpu cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory"] = f"{pages * page_size / 2**30:.1f} GiB"
+    except (ValueError, OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        props = torch.cuda.get_device_properties(0)
+        info["gpus"] = f"{n} x {props.name} ({props.total_memory / 2**30:.0f} GiB)"
+        info["cuda"] = torch.version.cuda
+    else:
+        info["gpus"] = "none (CPU)"
+    return info
+
+
+def reset(gpu_hour_usd: float):
+    """Start a new report: remove old sections, write the header."""
+    for path in report_dir().glob("*"):
+        if path.is_file():
+            path.unlink()
+    git = git_info()
+    import torch
+
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    items = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        "git commit": git["commit"] + (" (dirty)" if git["dirty"] else ""),
+        **machine_info(),
+        "$/GPU-hour": f"{gpu_hour_usd:.2f}",
+    }
+    code = code_metrics()
+    text = "### Code\n\n" + "\n".join(f"- {k}: {v:,}" for k, v in code.items())
+    data = {"start_time": time.time(), "num_gpus": num_gpus, "gpu_hour_usd": gpu_hour_usd, "code": code}
+    write_section("header", "speedchat run", items, text=text, data=data)
+    print0(f"new report started in {report_dir()}")
+
+
+# ---------------------------------------------------------------------------
+# Generate: summary table, plots, report.md
+
+
+def _fmt(metric: dict | None, key="acc") -> str:
+    if not metric or metric.get(key) is None:
+        return "-"
+    value, se = metric[key], metric.get("se")
+    return f"{value:.4f} ± {se:.4f}" if se is not None else f"{value:.4f}"
+
+
+def summary_table() -> str:
+    base = read_data("base-eval")
+    stages = {"base": {}, "mid": read_data("chat-eval-mid"), "sft": read_data("chat-eval-sft")}
+    rows = ["| metric | BASE | MID | SFT |", "|---|---|---|---|"]
+    core = {"acc": base.get("core"), "se": base.get("core_se")} if "core" in base else None
+    rows.append(f"| CORE | {_fmt(core)} | - | - |")
+    for metric in CHAT_METRICS:
+        cells = [_fmt(stages[s].get("results", {}).get(metric)) for s in ("base", "mid", "sft")]
+        rows.append(f"| {metric} | " + " | ".join(cells) + " |")
+    cells = []
+    for s in ("base", "mid", "sft"):
+        d = stages[s]
+        cells.append(_fmt({"acc": d.get("chatcore"), "se": d.get("chatcore_se")}) if "chatcore" in d else "-")
+    rows.append("| ChatCORE | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_curves(out_dir: Path) -> list[str]:
+    """One PNG per training stage with its loss curve (and validation bpb when recorded)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("matplotlib is not installed: no plots")
+        return []
+    written = []
+    for section, stage in TRAINING_SECTIONS.items():
+        curve = read_data(section).get("curve")
+        if not curve or not curve.get("step"):
+            continue
+        has_val = bool(curve.get("val_step"))
+        fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(10 if has_val else 5.5, 3.6), squeeze=False)
+        ax = axes[0][0]
+        ax.plot(curve["step"], curve["loss"], lw=1)
+        ax.set(title=f"{stage}: training loss", xlabel="step", ylabel="loss")
+        ax.grid(alpha=0.3)
+        if has_val:
+            ax = axes[0][1]
+            ax.plot(curve["val_step"], curve["val_bpb"], marker="o", lw=1)
+            ax.set(title=f"{stage}: validation bits per byte", xlabel="step", ylabel="bpb")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = f"curve_{stage}.png"
+        with atomic_path(out_dir / name) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def generate(copy_to: Path | None):
+    base_dir = get_base_dir()
+    header = read_data("header")
+    parts = []
+    for name in SECTION_ORDER:
+        path = report_dir() / f"{name}.md"
+        parts.append(path.read_text() if path.exists() else f"## {name}\n\n(not run)\n")
+    pngs = plot_curves(base_dir)
+    summary = ["## Summary", "", summary_table(), ""]
+    if pngs:
+        summary += ["Training curves: " + ", ".join(f"[{p}]({p})" for p in pngs), ""]
+        summary += [f"![{p}]({p})" for p in pngs] + [""]
+    if "start_time" in header:
+        elapsed = time.time() - header["start_time"]
+        hours = elapsed / 3600
+        num_gpus = header.get("num_gpus", 0)
+        summary.append(f"Total wall clock time: {int(hours)}h{int(elapsed % 3600 / 60):02d}m")
+        if num_gpus:
+            cost = hours * num_gpus * header.get("gpu_hour_usd", DEFAULT_GPU_HOUR_USD)
+            summary.append(f"Estimated cost: ${cost:,.2f} ({num_gpus} GPUs x {hours:.2f} h)")
+    text = "# speedchat report\n\n" + "\n".join(parts[:1]) + "\n" + "\n".join(summary) + "\n\n" + "\n".join(parts[1:])
+    out = base_dir / "report.md"
+    atomic_write(out, text)
+    written = [out]
+    if copy_to is not None and copy_to.resolve() != base_dir.resolve():
+        atomic_write(copy_to / "report.md", text)
+        for png in pngs:
+            shutil.copyfile(base_dir / png, copy_to / png)
+        written.append(copy_to / "report.md")
+    for path in written:
+        print0(f"wrote {path}")
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Start (reset) or assemble (generate) the run report.")
+    parser.add_argument("command", choices=["reset", "generate"], help="reset: new report with header; generate: write report.md")
+    parser.add_argument("--gpu-hour-usd", type=float, default=DEFAULT_GPU_HOUR_USD, help="price of one GPU-hour, for the cost estimate")
+    parser.add_argument("--out-dir", default=".", help="where generate also copies report.md and the plots ('' for the base dir only)")
+    args = parser.parse_args(argv)
+    if args.command == "reset":
+        reset(args.gpu_hour_usd)
+    else:
+        generate(Path(args.out_dir) if args.out_dir else None)
+
+
+if __name__ == "__main__":
+    run_main(main)
