@@ -1,0 +1,415 @@
+"""What every task shares: the Task base (an indexable, sliceable list of conversations),
+mixtures and sequences of tasks, the multiple-choice rendering, and the downloader that
+fetches a Hugging Face dataset's auto-converted parquet once into $SPEEDCHAT_BASE_DIR/tasks_data/.
+
+A conversation is {"messages": [{"role": "user"|"assistant"|"system", "content": ...}], ...}
+where assistant content is a str or a list of parts {"type": "text"|"python"|"python_output",
+"text": str}. Eval tasks add what scoring needs (e.g. "letters" for multiple choice) as extra
+keys; render_conversation ignores them.
+"""
+
+import bisect
+import fcntl
+import gzip
+import json
+import os
+import re
+import time
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from common import UserError, atomic_path, atomic_write, get_base_dir, print0
+
+# ---------------------------------------------------------------------------
+# Task base
+
+
+class Task:
+    """A list of conversations, viewed through a slice: task[i] is example start + i*step.
+    Subclasses implement num_examples() and get_example(index); eval tasks also set
+    eval_type ("categorical": the answer is one of conversation["letters"]; "generative":
+    the model writes an answer) and implement evaluate(conversation, completion) -> bool."""
+
+    eval_type = None
+
+    def __init__(self, start=0, stop=None, step=1):
+        if start < 0 or (stop is not None and stop < start) or step < 1:
+            raise ValueError(f"bad task slice start={start} stop={stop} step={step}")
+        self.start, self.stop, self.step = start, stop, step
+
+    def num_examples(self) -> int:
+        raise NotImplementedError
+
+    def get_example(self, index) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, conversation, completion: str) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} is not an eval task")
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def __len__(self):
+        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
+        return max(0, -(-(stop - self.start) // self.step))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"{self.name}: index {index} out of range for {n} examples")
+        return self.get_example(self.start + index * self.step)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
+class TaskMixture(Task):
+    """All examples of several tasks, shuffled together with a fixed seed (the same order on
+    every run and every rank). List a task twice to see it twice as often."""
+
+    def __init__(self, tasks, seed=42, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = list(tasks)
+        sizes = [len(t) for t in self.tasks]
+        self.task_ids = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        self.example_ids = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes] or [np.zeros(0, np.int64)])
+        order = np.random.default_rng(seed).permutation(len(self.task_ids))
+        self.task_ids, self.example_ids = self.task_ids[order], self.example_ids[order]
+
+    def num_examples(self):
+        return len(self.task_ids)
+
+    def get_example(self, index):
+        return self.tasks[int(self.task_ids[index])][int(self.example_ids[index])]
+
+
+class TaskSequence(Task):
+    """Several tasks one after the other, in order (e.g. a curriculum)."""
+
+    def __init__(self, tasks, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = list(tasks)
+        self.offsets = np.cumsum([0] + [len(t) for t in self.tasks]).tolist()
+
+    def num_examples(self):
+        return self.offsets[-1]
+
+    def get_example(self, index):
+        t = bisect.bisect_right(self.offsets, index) - 1
+        return self.tasks[t][index - self.offsets[t]]
+
+
+# ---------------------------------------------------------------------------
+# Multiple choice (ARC, MMLU): the question, lettered options, and a one-letter answer.
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def render_mc(question: str, choices) -> str:
+    """The user turn of a multiple-choice question. Options start at the beginning of a
+    line ("A. ...") so the letter is tokenized the same way as the bare answer "A"."""
+    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+    return f"{question.strip()}\n\n{options}\n\nAnswer with the letter of the correct option."
+
+
+def mc_conversation(question: str, choices, answer_index: int, **extra) -> dict:
+    letters = list(LETTERS[:len(choices)])
+    return {
+        "messages": [
+            {"role": "user", "content": render_mc(question, choices)},
+            {"role": "assistant", "content": letters[answer_index]},
+        ],
+        "letters": letters,
+        **extra,
+    }
+
+
+class MultipleChoiceTask(Task):
+    """Categorical eval: the evaluator restricts the next-token logits to
+    conversation["letters"] and passes the chosen letter as the completion."""
+
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, completion: str) -> bool:
+        return completion.strip() == conversation["messages"][-1]["content"]
+
+
+# ---------------------------------------------------------------------------
+# Answer parsing shared by generative tasks
+
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def normalize_number(text):
+    """'1,000' -> '1000', '$5' -> '5', '3.50' -> '3.5', '7.0' -> '7'; None stays None."""
+    if text is None:
+        return None
+    text = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        return text
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def last_number(text: str):
+    """The last number written in `text` (normalized), or None."""
+    found = NUMBER.findall(text or "")
+    return normalize_number(found[-1]) if found else None
+
+
+# ---------------------------------------------------------------------------
+# Conversation checks (CustomJSON, identity, chat data)
+
+PART_TYPES = ("text", "python", "python_output")
+
+
+def check_conversation(messages, require_assistant_last=True) -> str | None:
+    """Why `messages` is not a usable conversation, or None when it is."""
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"message {i} must be an object with 'role' and 'content'"
+        role, content = m["role"], m["content"]
+        if i < start:
+            if not isinstance(content, str):
+                return "the system message content must be a string"
+            continue
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if role != expected:
+            return (f"message {i} has role {role!r} but {expected!r} was expected "
+                    "(optional system first, then user and assistant alternating)")
+        if isinstance(content, str):
+            if not content.strip():
+                return f"message {i} ({role}) is empty"
+            continue
+        if role != "assistant" or not isinstance(content, list) or not content:
+            return f"message {i}: content must be a string (or, for the assistant, a list of parts)"
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") in PART_TYPES and isinstance(part.get("text"), str)):
+                return (f"message {i}: each part must be {{\"type\": one of {', '.join(PART_TYPES)}, "
+                        f"\"text\": string}}, got {json.dumps(part)[:80]}")
+    if len(messages) == start:
+        return "a system message must be followed by a user message"
+    if require_assistant_last and messages[-1]["role"] != "assistant":
+        return "the last message must be from the assistant"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Local files in the sources' own formats
+
+def read_jsonl(path):
+    """Rows of a .jsonl (or .jsonl.gz) file; blank lines skipped."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg})")
+    return rows
+
+
+def read_local_rows(path, what, path_flag):
+    """Rows from a local copy: a .parquet / .jsonl / .jsonl.gz / .json file, or a folder of them."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"{what}: {path_flag} {path} does not exist")
+    files = sorted(p for p in path.rglob("*") if _row_file(p)) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"{what}: no .parquet/.jsonl/.json files in {path}")
+    rows = []
+    for f in files:
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            rows.extend(pq.read_table(f).to_pylist())
+        elif f.suffix == ".json":
+            data = json.loads(f.read_text(encoding="utf-8"))
+            rows.extend(data if isinstance(data, list) else [data])
+        elif f.name.endswith((".jsonl", ".jsonl.gz")):
+            rows.extend(read_jsonl(f))
+        else:
+            raise UserError(f"{what}: {f} is not a .parquet, .jsonl or .json file")
+    return rows
+
+
+def _row_file(p: Path):
+    return p.is_file() and (p.suffix in (".parquet", ".json") or p.name.endswith((".jsonl", ".jsonl.gz")))
+
+
+class ParquetRows:
+    """Random access to the rows of parquet files without turning them all into Python
+    objects up front (SmolTalk has ~460k conversations)."""
+
+    def __init__(self, files):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        tables = [pq.read_table(f) for f in files]
+        self.table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def __len__(self):
+        return self.table.num_rows
+
+    def __getitem__(self, i):
+        return self.table.slice(i, 1).to_pylist()[0]
+
+
+def load_rows(repo, config, split, path, what, path_flag, local_format):
+    """Rows of a dataset split: from `path` when given, else downloaded once from the Hub."""
+    if path is not None:
+        return read_local_rows(path, what, path_flag)
+    hint = f"offline, pass {path_flag} PATH (a local copy: {local_format})"
+    return ParquetRows(download_hf_parquet(repo, config, split, what=what, hint=hint))
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face parquet downloader: GET {HF}/api/datasets/<repo>/parquet/<config>/<split>
+# lists the parquet URLs of one split; each is fetched once (retries, resume, atomic rename).
+
+HF_URL = "https://huggingface.co"
+TIMEOUT = (5, 60)        # (connect, read) seconds: offline fails within the connect timeout
+RETRIES = 5
+RETRY_BACKOFF = 2.0      # seconds, doubled each retry; tests set it to 0
+
+
+def hf_url() -> str:
+    return os.environ.get("SPEEDCHAT_HF_URL", HF_URL).rstrip("/")
+
+
+def _headers():
+    token = os.environ.get("HF_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def tasks_data_dir() -> Path:
+    return get_base_dir() / "tasks_data"
+
+
+def download_hf_parquet(repo, config, split, what=None, hint="") -> list[Path]:
+    """The local parquet files of one split of a Hub dataset, downloaded on first use into
+    $SPEEDCHAT_BASE_DIR/tasks_data/<owner>__<name>/<config>/<split>/. Under torchrun every
+    rank may call this: a file lock lets one download while the others wait."""
+    what = what or repo
+    folder = tasks_data_dir() / repo.replace("/", "__") / config / split
+    manifest = folder / "files.json"
+    if manifest.exists():
+        return [folder / name for name in json.loads(manifest.read_text())]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not manifest.exists():  # another process may have finished while we waited
+            urls = _fetch_file_list(f"{hf_url()}/api/datasets/{repo}/parquet/{config}/{split}", what, hint)
+            names = [f"{i:04d}.parquet" for i in range(len(urls))]
+            for url, name in zip(urls, names):
+                if not (folder / name).exists():
+                    print0(f"{what}: downloading {url}")
+                    _download(url, folder / name, what, hint)
+                    print0(f"{what}: saved {folder / name} ({(folder / name).stat().st_size / 1e6:.1f} MB)")
+            atomic_write(manifest, json.dumps(names))
+    return [folder / name for name in json.loads(manifest.read_text())]
+
+
+def _fail(what, problem, hint):
+    problem = " ".join(str(problem).split())[:400]  # one line, however the exception printed
+    raise UserError(f"{what}: {problem}" + (f"; {hint}" if hint else ""))
+
+
+def _fetch_file_list(url, what, hint):
+    for attempt in range(RETRIES):
+        try:
+            r = requests.get(url, timeout=TIMEOUT, headers=_headers())
+        except requests.ConnectionError as e:
+            if isinstance(e, requests.ConnectTimeout) or attempt == RETRIES - 1 or not _transient(e):
+                # no route / no DNS / refused: we are offline, say so at once
+                _fail(what, f"cannot reach {url.split('/api/')[0]} ({_reason(e)})", hint)
+        except requests.Timeout as e:
+            if attempt == RETRIES - 1:
+                _fail(what, f"{url} timed out ({_reason(e)})", hint)
+        else:
+            if r.status_code == 200:
+                try:
+                    urls = r.json()
+                except ValueError:
+                    urls = None
+                if isinstance(urls, dict) and isinstance(urls.get("parquet_files"), list):
+                    urls = [f.get("url") for f in urls["parquet_files"]]  # datasets-server's shape
+                if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+                    _fail(what, f"{url} did not return a list of parquet URLs", hint)
+                return urls
+            if r.status_code < 500 and r.status_code != 429 or attempt == RETRIES - 1:
+                _fail(what, f"{url} answered HTTP {r.status_code}", hint)
+        time.sleep(RETRY_BACKOFF * 2 ** attempt)
+
+
+def _transient(e):
+    """A dropped connection is worth retrying; a failed DNS lookup or a refusal is not."""
+    text = str(e)
+    return not any(s in text for s in ("NameResolution", "Name or service not known", "Connection refused",
+                                       "Failed to resolve", "Network is unreachable", "No route to host"))
+
+
+def _reason(e):
+    text = str(e)
+    for marker in ("Failed to resolve", "Connection refused", "Network is unreachable", "No route to host",
+                   "timed out", "Read timed out"):
+        if marker in text:
+            return marker.lower()
+    return type(e).__name__
+
+
+def _download(url, target: Path, what, hint):
+    """Fetch url into target atomically, resuming a dropped transfer with a Range request
+    and checking the size against Content-Length and that the result is a parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(target) as tmp:
+        for attempt in range(RETRIES):
+            have = tmp.stat().st_size
+            headers = {**_headers(), **({"Range": f"bytes={have}-"} if have else {})}
+            try:
+                with requests.get(url, stream=True, timeout=TIMEOUT, headers=headers) as r:
+                    if r.status_code not in (200, 206):
+                        if r.status_code < 500 and r.status_code != 429:
+                            _fail(what, f"{url} answered HTTP {r.status_code}", hint)
+                        raise IOError(f"HTTP {r.status_code}")
+                    resumed = r.status_code == 206
+                    expected = _expected_size(r, have if resumed else 0)
+                    with open(tmp, "ab" if resumed else "wb") as f:
+                        for chunk in r.iter_content(1 << 16):
+                            f.write(chunk)
+                size = tmp.stat().st_size
+                if expected is not None and size != expected:
+                    raise IOError(f"got {size} of {expected} bytes")
+                pq.read_metadata(tmp)  # a truncated or garbled file fails here
+                return
+            except (requests.RequestException, OSError, pa.ArrowException) as e:
+                if isinstance(e, pa.ArrowException):
+                    tmp.write_bytes(b"")  # complete but not parquet: start over rather than resume
+                if attempt == RETRIES - 1:
+                    _fail(what, f"downloading {url} failed after {RETRIES} tries ({_reason(e)}: {e})", hint)
+                time.sleep(RETRY_BACKOFF * 2 ** attempt)
+
+
+def _expected_size(r, offset):
+    total = r.headers.get("Content-Range", "").rpartition("/")[2]
+    if total.isdigit():
+        return int(total)
+    length = r.headers.get("Content-Length")
+    return offset + int(length) if length and length.isdigit() and "Content-Encoding" not in r.headers else None
