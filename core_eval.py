@@ -1,0 +1,499 @@
+"""CORE: the DCLM in-context-learning score that nanochat reports for base models.
+
+The eval bundle holds 22 tasks (core.yaml: data file, few-shot count, task type, continuation
+delimiter) and their random baselines (eval_meta_data.csv). Every item is rendered into one
+prompt per option, the options go through the model as one padded batch, and
+
+  multiple_choice    one context, one continuation per choice: the lowest mean loss over the
+                     continuation tokens wins
+  schema             one context per option, the same continuation: lowest mean loss wins
+  language_modeling  one context and continuation: correct when greedy argmax reproduces
+                     every continuation token
+
+A task's accuracy is centered against its random baseline b: (acc - b) / (1 - b), so chance
+scores 0 and perfect scores 1. CORE is the mean of the centered accuracies.
+
+This file needs only model(ids) -> logits (B, T, V), tokenizer.encode(str, prepend=bos_id) ->
+list of ids and tokenizer.get_bos_token_id(), so tests drive it with a fake model and tokenizer.
+"""
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from common import UserError, atomic_path, get_base_dir, print0
+
+BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+BUNDLE_URL_ENV = "SPEEDCHAT_EVAL_BUNDLE_URL"  # override the download address (tests, mirrors)
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+FEWSHOT_SEED = 1234  # item idx draws its few-shot examples with random.Random(1234 + idx)
+SUBSET_SEED = 1337  # --max-per-task evaluates a fixed random subset, not the first rows
+EXAMPLE_DELIMITER = "\n\n"  # between few-shot examples and before the query
+DEFAULT_CONTINUATION_DELIMITER = " "  # the gauntlet's default when core.yaml names none
+
+# ---------------------------------------------------------------------------
+# The bundle: core.yaml, eval_meta_data.csv, eval_data/*.jsonl
+
+
+def _yaml_scalar(text: str, where: str):
+    """One value of core.yaml: "double-quoted" (JSON escapes), 'single', [list], bool, number, bare."""
+    if text.startswith('"'):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise UserError(f"{where}: cannot read the quoted string {text}")
+    if text.startswith("'") and text.endswith("'") and len(text) >= 2:
+        return text[1:-1].replace("''", "'")
+    if text.startswith("[") and text.endswith("]"):
+        return [_yaml_scalar(part.strip(), where) for part in text[1:-1].split(",") if part.strip()]
+    if text in ("true", "false"):
+        return text == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_core_yaml(text: str, where: str = "core.yaml") -> list[dict]:
+    """Read core.yaml: `icl_tasks:` then a list of flat `key: value` mappings. This is exactly
+    the shape the bundle uses (no PyYAML needed); anything else is refused with its line number."""
+    tasks = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#") or line == "icl_tasks:":
+            continue
+        if line == "-" or line.startswith("- "):  # a new list item, maybe with its first key inline
+            tasks.append({})
+            line = line[1:].strip()
+            if not line:
+                continue
+        if not tasks or ":" not in line:
+            raise UserError(f"{where} line {lineno}: expected `key: value` inside an icl_tasks item, got {raw!r}")
+        key, value = line.split(":", 1)
+        tasks[-1][key.strip()] = _yaml_scalar(value.strip(), f"{where} line {lineno}")
+    return tasks
+
+
+def read_baselines(meta_csv) -> dict[str, float]:
+    """Random baseline per task from eval_meta_data.csv, as a fraction (the file has percent)."""
+    with open(meta_csv, newline="", encoding="utf-8") as f:
+        return {row["Eval Task"].strip(): float(row["Random baseline"]) / 100 for row in csv.DictReader(f)}
+
+
+def load_bundle(bundle_dir) -> list[dict]:
+    """The CORE tasks in core.yaml order: label, path (of the jsonl), type, num_fewshot,
+    delimiter, baseline. A missing data file is not an error here (see load_task_data)."""
+    bundle_dir = Path(bundle_dir)
+    yaml_path, meta_path = bundle_dir / "core.yaml", bundle_dir / "eval_meta_data.csv"
+    for path in (yaml_path, meta_path):
+        if not path.exists():
+            raise UserError(f"{path} is missing: point --bundle at an unzipped eval bundle "
+                            f"(or leave --bundle out to download it)")
+    baselines = read_baselines(meta_path)
+    tasks = []
+    for spec in parse_core_yaml(yaml_path.read_text(encoding="utf-8"), str(yaml_path)):
+        label = spec.get("label")
+        missing = [k for k in ("label", "dataset_uri", "num_fewshot", "icl_task_type") if k not in spec]
+        if missing:
+            raise UserError(f"{yaml_path}: task {label or '?'} lacks {', '.join(missing)}")
+        shots = spec["num_fewshot"]
+        shots = shots if isinstance(shots, list) else [shots]
+        if len(shots) != 1:
+            raise UserError(f"{yaml_path}: task {label} lists {len(shots)} few-shot counts; CORE uses exactly one")
+        if spec["icl_task_type"] not in TASK_TYPES:
+            raise UserError(f"{yaml_path}: task {label} has type {spec['icl_task_type']!r}, not one of {TASK_TYPES}")
+        if label not in baselines:
+            raise UserError(f"{meta_path} has no random baseline for task {label}")
+        # has_categories (jeopardy) only splits the gauntlet's logging; CORE scores all items together
+        tasks.append(dict(
+            label=label,
+            path=bundle_dir / "eval_data" / spec["dataset_uri"],
+            type=spec["icl_task_type"],
+            num_fewshot=int(shots[0]),
+            delimiter=spec.get("continuation_delimiter", DEFAULT_CONTINUATION_DELIMITER),
+            baseline=baselines[label],
+        ))
+    if not tasks:
+        raise UserError(f"{yaml_path} lists no icl_tasks")
+    return tasks
+
+
+def load_task_data(task) -> list[dict] | None:
+    """The task's rows, or None when its jsonl file is missing."""
+    path = Path(task["path"])
+    if not path.exists():
+        return None
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise UserError(f"{path} line {lineno} is not JSON: re-download the eval bundle")
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Prompts: each option of an item becomes (context, continuation), context + continuation = prompt
+
+
+class _AllBut(Sequence):
+    """range(n) without `skip`, without building the list: random.sample draws exactly what it
+    would from the list, in O(k) instead of O(n) per item (bigbench_qa_wikidata has 20k rows)."""
+
+    def __init__(self, n, skip):
+        self.n, self.skip = n, skip
+
+    def __len__(self):
+        return self.n - 1
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i if i < self.skip else i + 1
+
+
+def fewshot_examples(data, idx, k) -> list[dict]:
+    """k other rows of the task, the same ones for item idx on every run and every rank."""
+    k = min(k, len(data) - 1)
+    if k <= 0:
+        return []
+    rng = random.Random(FEWSHOT_SEED + idx)
+    return [data[i] for i in rng.sample(_AllBut(len(data), idx), k)]
+
+
+def render_item(task, data, idx) -> tuple[list[tuple[str, str]], int]:
+    """The item's options as (context, continuation) string pairs, and the gold option's index.
+    The continuation delimiter belongs to the context. Few-shot examples come first, each one
+    followed by a blank line."""
+    item, delim, shots = data[idx], task["delimiter"], fewshot_examples(data, idx, task["num_fewshot"])
+    kind = task["type"]
+    if kind == "multiple_choice":
+        prefix = "".join(f"{ex['query']}{delim}{ex['choices'][ex['gold']]}{EXAMPLE_DELIMITER}" for ex in shots)
+        context = prefix + item["query"] + delim
+        return [(context, choice) for choice in item["choices"]], int(item["gold"])
+    if kind == "schema":
+        prefix = "".join(f"{ex['context_options'][ex['gold']]}{delim}{ex['continuation']}{EXAMPLE_DELIMITER}"
+                         for ex in shots)
+        return [(prefix + ctx + delim, item["continuation"]) for ctx in item["context_options"]], int(item["gold"])
+    if kind == "language_modeling":
+        # The gauntlet trims each context and strips the trailing whitespace of the prompt, so a
+        # delimiter's final space moves into the continuation (" Paris" is one token, " " + "Paris" two).
+        prefix = "".join(f"{ex['context'].strip()}{delim}{ex['continuation']}{EXAMPLE_DELIMITER}" for ex in shots)
+        full = prefix + item["context"].strip() + delim + item["continuation"]
+        context = (prefix + item["context"].strip() + delim).rstrip()
+        return [(context, full[len(context):])], 0
+    raise ValueError(f"unknown task type {kind!r}")
+
+
+# ---------------------------------------------------------------------------
+# Tokens: where each option's continuation starts
+
+
+def common_prefix_length(a, b) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def tokenize_options(tokenizer, options, bos, max_len) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each option's full prompt (BOS first) and the index of its first continuation
+    token. The full prompt and the context are encoded separately and the continuation is what
+    follows their common prefix, so a token that merges across the boundary counts as continuation.
+    Prompts longer than max_len lose tokens from the left (after BOS); the continuation is kept."""
+    # one string at a time: a batch call spins up a thread pool, too costly for a few short prompts
+    encoded = {}
+    for text in (t for ctx, cont in options for t in (ctx, ctx + cont)):
+        if text not in encoded:  # multiple-choice options share their context
+            encoded[text] = tokenizer.encode(text, prepend=bos)
+    seqs, starts = [], []
+    for ctx, cont in options:
+        full = list(encoded[ctx + cont])
+        start = min(common_prefix_length(full, encoded[ctx]), len(full) - 1)  # at least one token scored
+        if len(full) > max_len:
+            cut = len(full) - max_len
+            full = full[:1] + full[1 + cut:]
+            start = max(1, start - cut)
+        seqs.append(full)
+        starts.append(start)
+    return seqs, starts
+
+
+# ---------------------------------------------------------------------------
+# Scoring: one padded forward pass per item, everything after it stays on the device
+
+
+def item_batch(seqs, starts, pad_id):
+    """CPU tensors for one item: ids (B, T) right-padded, and for every scored position its row,
+    its column (the position whose logits predict the token) and the token itself."""
+    B, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    rows, cols = [], []
+    for b, (seq, start) in enumerate(zip(seqs, starts)):
+        ids[b, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        rows += [b] * (len(seq) - start)
+        cols += range(start - 1, len(seq) - 1)
+    rows, cols = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+    return ids, rows, cols, ids[rows, cols + 1]
+
+
+def _to_device(tensor, device):
+    if device.type == "cuda":  # pinned memory: the copy is asynchronous, the CPU moves on
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def score_item(model, seqs, starts, gold, task_type, device, pad_id):
+    """0-d bool tensor on `device`: is the item answered correctly? No host sync."""
+    ids, rows, cols, targets = (_to_device(t, device) for t in item_batch(seqs, starts, pad_id))
+    logits = model(ids)  # (B, T, V)
+    picked = logits[rows, cols].float()  # (N, V): only the positions that predict continuation tokens
+    if task_type == "language_modeling":
+        return (picked.argmax(dim=-1) == targets).all()
+    losses = F.cross_entropy(picked, targets, reduction="none")
+    loss_sum = torch.zeros(len(seqs), device=device).index_add_(0, rows, losses)
+    counts = torch.tensor([len(s) - st for s, st in zip(seqs, starts)], dtype=torch.float32)
+    mean_loss = loss_sum / _to_device(counts, device)
+    return mean_loss.argmin() == gold  # ties go to the first option (argmin returns the first minimum)
+
+
+def eval_indices(n, max_per_task=None) -> list[int]:
+    """All items, or a fixed random subset of max_per_task of them (rows are often sorted by category)."""
+    indices = list(range(n))
+    if max_per_task is not None and 0 <= max_per_task < n:
+        random.Random(SUBSET_SEED).shuffle(indices)
+        indices = sorted(indices[:max_per_task])
+    return indices
+
+
+def evaluate_task(model, tokenizer, task, data, device, max_len, max_per_task=None,
+                  rank=0, world_size=1, progress=False) -> tuple[int, int]:
+    """(correct, evaluated) over all ranks. Rank r takes items i with i % world_size == r of the
+    evaluated list; few-shot examples always come from the whole task."""
+    device = torch.device(device)
+    bos = tokenizer.get_bos_token_id()
+    indices = eval_indices(len(data), max_per_task)
+    mine = indices[rank::world_size]
+    if progress:
+        from tqdm import tqdm
+
+        mine = tqdm(mine, desc=task["label"], leave=False, dynamic_ncols=True)
+    results = []
+    with torch.no_grad():
+        for idx in mine:
+            options, gold = render_item(task, data, idx)
+            seqs, starts = tokenize_options(tokenizer, options, bos, max_len)
+            results.append(score_item(model, seqs, starts, gold, task["type"], device, bos))
+    correct = torch.stack(results).sum() if results else torch.zeros((), device=device, dtype=torch.long)
+    totals = torch.stack([correct.long(), torch.tensor(len(results), device=device)])
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    correct, count = totals.tolist()
+    return int(correct), int(count)
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+
+
+def binomial_se(p, n) -> float:
+    return math.sqrt(p * (1 - p) / n) if n > 0 else float("nan")
+
+
+def centered(accuracy, baseline) -> float:
+    return (accuracy - baseline) / (1 - baseline)
+
+
+def task_result(task, correct, count) -> dict:
+    acc = correct / count if count else float("nan")
+    se = binomial_se(acc, count)
+    return dict(type=task["type"], num_fewshot=task["num_fewshot"], baseline=task["baseline"], n=count,
+                correct=correct, accuracy=acc, accuracy_se=se,
+                centered=centered(acc, task["baseline"]), centered_se=se / (1 - task["baseline"]))
+
+
+def core_summary(results: dict) -> dict:
+    """CORE over the tasks that ran. results: label -> task_result() or {"missing": path}.
+    core_se = sqrt(sum of centered se^2) / n_tasks (the tasks are independent samples)."""
+    done = {k: r for k, r in results.items() if not r.get("missing")}
+    missing = [k for k, r in results.items() if r.get("missing")]
+    if not done:
+        return dict(core=None, core_se=None, n_tasks=0, tasks=[], missing=missing, partial=True)
+    n = len(done)
+    core = sum(r["centered"] for r in done.values()) / n
+    core_se = math.sqrt(sum(r["centered_se"] ** 2 for r in done.values())) / n
+    return dict(core=core, core_se=core_se, n_tasks=n, tasks=list(done), missing=missing, partial=bool(missing))
+
+
+def core_line(summary: dict, total_tasks: int) -> str:
+    """The one line that states CORE, and says so loudly when it averages fewer than all tasks."""
+    if summary["core"] is None:
+        return f"CORE: not computed (all {total_tasks} task files are missing)"
+    line = f"CORE: {summary['core']:.4f} ± {summary['core_se']:.4f}"
+    if summary["partial"]:
+        line += (f" (PARTIAL: mean over {summary['n_tasks']} of {total_tasks} tasks; "
+                 f"missing {', '.join(summary['missing'])})")
+    return line
+
+
+def run_core(model, tokenizer, bundle_dir, device, max_len, max_per_task=None, rank=0, world_size=1,
+             progress=True) -> tuple[dict, dict]:
+    """Evaluate every task of the bundle: (results per task label, core_summary)."""
+    tasks = load_bundle(bundle_dir)
+    results = {}
+    for task in tasks:
+        data = load_task_data(task)
+        if data is None:
+            print0(f"{task['label']:<34} MISSING {task['path']}")
+            results[task["label"]] = dict(missing=True, path=str(task["path"]), type=task["type"])
+            continue
+        t0 = time.perf_counter()
+        correct, count = evaluate_task(model, tokenizer, task, data, device, max_len, max_per_task,
+                                       rank, world_size, progress=progress and rank == 0)
+        r = results[task["label"]] = task_result(task, correct, count)
+        print0(f"{task['label']:<34} acc {r['accuracy']:.4f} ± {r['accuracy_se']:.4f}  centered "
+               f"{r['centered']:+.4f}  n={count}  ({time.perf_counter() - t0:.1f}s)")
+    summary = core_summary(results)
+    print0(core_line(summary, len(tasks)))
+    return results, summary
+
+
+# ---------------------------------------------------------------------------
+# Result CSVs: ours, and the bundle's GPT-2 references (Task, Accuracy, Centered + a CORE row)
+
+
+def write_core_csv(path, results: dict, summary: dict):
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["Task", "Accuracy", "Accuracy_SE", "Centered", "Centered_SE", "N"])
+        for label, r in results.items():
+            if r.get("missing"):
+                w.writerow([label, "missing", "", "", "", 0])
+            else:
+                w.writerow([label, f"{r['accuracy']:.6f}", f"{r['accuracy_se']:.6f}", f"{r['centered']:.6f}",
+                            f"{r['centered_se']:.6f}", r["n"]])
+        if summary["core"] is not None:
+            w.writerow(["CORE", "", "", f"{summary['core']:.6f}", f"{summary['core_se']:.6f}", ""])
+
+
+def read_results_csv(path) -> tuple[dict[str, float], float | None]:
+    """(accuracy per task, the CORE value the file states or None) from a per-task CSV: the
+    bundle's openai-community-gpt2*.csv (padded `Task , Accuracy , Centered`) or ours."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [[cell.strip() for cell in row] for row in csv.reader(f) if row]
+    header, accuracies, stated = rows[0], {}, None
+    acc_col, cen_col = header.index("Accuracy"), header.index("Centered")
+    for row in rows[1:]:
+        if row[0] == "CORE":
+            stated = float(row[cen_col])
+        elif row[acc_col] not in ("", "missing"):
+            accuracies[row[0]] = float(row[acc_col])
+    return accuracies, stated
+
+
+def reference_core(csv_path, meta_csv, tasks=None) -> tuple[float, dict[str, float], float | None]:
+    """CORE of a reference model from its per-task accuracies and the bundle's baselines:
+    (core, centered per task, the CORE the file itself states). `tasks` limits the mean to
+    those tasks, to compare with a partial CORE on equal terms."""
+    accuracies, stated = read_results_csv(csv_path)
+    if tasks is not None:
+        accuracies = {label: acc for label, acc in accuracies.items() if label in set(tasks)}
+    baselines = read_baselines(meta_csv)
+    unknown = sorted(set(accuracies) - set(baselines))
+    if unknown:
+        raise UserError(f"{csv_path} has tasks without a baseline in {meta_csv}: {', '.join(unknown)}")
+    cent = {label: centered(acc, baselines[label]) for label, acc in accuracies.items()}
+    return (sum(cent.values()) / len(cent) if cent else float("nan")), cent, stated
+
+
+def reference_lines(bundle_dir, tasks) -> dict[str, float]:
+    """CORE of each reference model in the bundle (openai-community-gpt2*.csv) over `tasks`."""
+    out = {}
+    for path in sorted(Path(bundle_dir).glob("openai-community-*.csv")):
+        core, _, _ = reference_core(path, Path(bundle_dir) / "eval_meta_data.csv", tasks)
+        out[path.stem.removeprefix("openai-community-")] = core
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Download: once, into $SPEEDCHAT_BASE_DIR/eval_bundle
+
+
+def _download(url, dest: Path, attempts=5, timeout=60):
+    """Stream url to dest, resuming a partial .part file, retrying with backoff; size-checked."""
+    import requests
+
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(1, attempts + 1):
+        try:
+            have = part.stat().st_size if part.exists() else 0
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+                if r.status_code == 416:  # nothing left to fetch, or a stale part: start over
+                    part.unlink(missing_ok=True)
+                    raise OSError("server refused the resume range")
+                r.raise_for_status()
+                if have and r.status_code != 206:  # the server ignored Range: start over
+                    have = 0
+                expected = int(r.headers["Content-Length"]) + have if "Content-Length" in r.headers else None
+                with open(part, "ab" if have else "wb") as f:
+                    for chunk in r.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+            size = part.stat().st_size
+            if expected is not None and size != expected:
+                raise OSError(f"got {size} bytes, expected {expected}")
+            os.replace(part, dest)
+            return
+        except (OSError, requests.RequestException) as e:
+            if attempt == attempts:
+                raise UserError(f"could not download {url} ({e}): check the network, or pass --bundle PATH "
+                                f"to an unzipped eval bundle")
+            wait = 2 ** attempt
+            print0(f"download failed ({e}); retrying in {wait}s")
+            time.sleep(wait)
+
+
+def ensure_bundle(base_dir=None) -> Path:
+    """The eval bundle folder, downloading and unzipping it on first use (atomically: a folder
+    named eval_bundle is always complete). URL from $SPEEDCHAT_EVAL_BUNDLE_URL if set."""
+    base = Path(base_dir) if base_dir else get_base_dir()
+    dest = base / "eval_bundle"
+    if (dest / "core.yaml").exists():
+        return dest
+    url = os.environ.get(BUNDLE_URL_ENV) or BUNDLE_URL
+    zip_path = base / "eval_bundle.zip"
+    print0(f"downloading the CORE eval bundle from {url}")
+    _download(url, zip_path)
+    with tempfile.TemporaryDirectory(dir=base, prefix=".eval_bundle.") as tmp:
+        unzipped = Path(tmp) / "unzipped"  # inside tmp, so that it can be moved out whatever the zip's layout
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(unzipped)
+        except zipfile.BadZipFile:
+            zip_path.unlink(missing_ok=True)
+            raise UserError(f"{url} did not give a zip file: check the address (${BUNDLE_URL_ENV}) and retry")
+        found = sorted(unzipped.rglob("core.yaml"), key=lambda p: len(p.parts))
+        if not found:
+            raise UserError(f"the zip from {url} has no core.yaml: it is not a CORE eval bundle")
+        if dest.exists():  # an incomplete folder from someone else's hand: replace it
+            shutil.rmtree(dest)
+        os.replace(found[0].parent, dest)
+    zip_path.unlink(missing_ok=True)
+    return dest
