@@ -4,7 +4,7 @@
 
 --data takes parquet files (column `text`), .txt files, or folders of them. In a folder with
 several files the last one (sorted by name) is the validation shard and is not trained on,
-like the dataset's shard layout; files named one by one are all trained on. Without --data the `stdlib-docs` dataset source is used.
+like the dataset's shard layout; files named one by one are all trained on. Without --data the dataset source named by --source (default `stdlib-docs`) is used.
 """
 
 import argparse
@@ -23,6 +23,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size, including the 9 special tokens")
     p.add_argument("--max-chars", type=float, default=2e9, help="train on at most this many characters")
     p.add_argument("--doc-cap", type=int, default=10000, help="use at most this many characters of each document")
+    p.add_argument("--source", default="stdlib-docs",
+                   help="dataset source used when --data is not given: stdlib-docs | fineweb-edu | dir:PATH")
     p.add_argument("--data", nargs="*", default=None,
                    help="parquet files (column `text`), .txt files or folders of them; default: the stdlib-docs source")
     return p.parse_args(argv)
@@ -82,7 +84,7 @@ def iter_file_documents(path: Path, doc_cap: int):
 
 
 def iter_source_documents(args):
-    """Training documents from --data, or from the dataset module's stdlib-docs source."""
+    """Training documents from --data, or from a dataset source (--source, default stdlib-docs)."""
     if args.data:
         for path in list_data_files(args.data, holdout_last=True):
             yield from iter_file_documents(path, args.doc_cap)
@@ -91,9 +93,9 @@ def iter_source_documents(args):
         import dataset
     except ImportError:
         raise UserError("no training data: pass --data with parquet or .txt files (or folders of them)")
-    if hasattr(dataset, "ensure_source"):
-        dataset.ensure_source("stdlib-docs")
-    for doc in dataset.iter_documents("stdlib-docs", "train"):
+    source = getattr(args, "source", None) or "stdlib-docs"
+    dataset.ensure_source(source)
+    for doc in dataset.iter_documents(source, "train"):
         yield doc[:args.doc_cap]
 
 

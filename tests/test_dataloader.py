@@ -1,0 +1,292 @@
+"""dataloader.py: BOS-aligned best-fit packing, disjoint ranks, exact resume, epochs, devices."""
+
+import io
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import dataset
+from common import UserError
+from dataloader import DataLoader
+
+BOS = 0
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer with the project Tokenizer's batch API: BOS = 0, a leading "doc<N>|"
+    becomes the one token TAG + N (so even a cropped piece names its document), other bytes b -> b + 1."""
+
+    def get_bos_token_id(self):
+        return BOS
+
+    def encode(self, texts, prepend=None, append=None, num_threads=8):
+        head = [prepend] if prepend is not None else []
+        return [head + encode_one(t) for t in texts]
+
+
+TAG = 1000
+
+
+def encode_one(text):
+    tag, sep, rest = text.partition("|")
+    if sep and tag.startswith("doc"):
+        return [TAG + int(tag[3:])] + [b + 1 for b in rest.encode()]
+    return [b + 1 for b in text.encode()]
+
+
+def decode(tokens):
+    tag = f"doc{tokens[0] - TAG}|" if tokens and tokens[0] >= TAG else ""
+    return tag + bytes(t - 1 for t in tokens[bool(tag):]).decode()
+
+
+@pytest.fixture(autouse=True)
+def base_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path / "base"))
+    return tmp_path / "base"
+
+
+def make_source(folder, n_train=400, n_val=40, group=25, seed=0, max_len=300):
+    """Shards in the layout (used in place): documents 'doc<i>|xxxx' of varied lengths."""
+    rng = random.Random(seed)
+    docs = [f"doc{i}|" + "x" * (int(rng.paretovariate(1.2) * 15) % max_len) for i in range(n_train + n_val)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (lo, hi) in enumerate([(0, n_train // 2), (n_train // 2, n_train), (n_train, n_train + n_val)]):
+        table = pa.table({"text": pa.array(docs[lo:hi], type=pa.string())})
+        pq.write_table(table, folder / f"shard_{k:05d}.parquet", row_group_size=group)
+    return f"dir:{folder}", docs
+
+
+def segments(row):
+    """Split a row (list of ids) at BOS into document texts."""
+    out, start = [], 0
+    for i in range(1, len(row) + 1):
+        if i == len(row) or row[i] == BOS:
+            out.append(decode(row[start + 1:i]))
+            start = i
+    return out
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def rows_of(batches):
+    """Full rows (T+1 tokens) back from (inputs, targets) batches."""
+    return [torch.cat([x, y[:, -1:]], dim=1).tolist() for x, y in batches]
+
+
+def test_packing_invariants_and_crop_accounting(tmp_path):
+    source, docs = make_source(tmp_path / "src")
+    by_id = {d.split("|")[0]: d for d in docs}
+    loader = DataLoader(ByteTokenizer(), B=4, T=64, source=source, buffer_size=50)
+    batches = take(loader, 20)
+    seen, cropped = [], 0
+    for x, y in batches:
+        assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.long
+        assert (x[:, 0] == BOS).all()  # every row starts a document
+        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    ntok = lambda doc: 1 + len(encode_one(doc))  # noqa: E731  (BOS + the document)
+    for rows in rows_of(batches):
+        for row in rows:
+            assert row[0] == BOS
+            for seg in segments(row):
+                if not seg:  # a crop that kept only BOS
+                    continue
+                doc = by_id[seg.split("|")[0]]
+                assert doc.startswith(seg)  # a whole document, or a crop of one
+                seen.append(doc)
+                cropped += ntok(doc) - ntok(seg)
+    assert len(seen) == len(set(seen))  # nothing repeated within the epoch
+    state = loader.state_dict()
+    assert state["tokens"] == 20 * 4 * 65
+    # no token lost: what was read = what was placed + what was cropped + what is still pending
+    units = dataset.split_row_groups(source, "train")
+    assert state["epoch"] == 0
+    texts = {(u, d): t for u in range(state["unit"]) for d, t in enumerate(dataset.read_unit(units[u]))}
+    pending = [texts[u, d] for u, d, _ in state["pending"]]
+    assert sum(map(ntok, texts.values())) == state["tokens"] + state["cropped"] + sum(map(ntok, pending))
+    assert {d.split("|")[0] for d in seen}.isdisjoint(d.split("|")[0] for d in pending)
+    assert set(seen) | set(pending) <= set(texts.values())
+    assert 0 < cropped <= state["cropped"]  # (a crop that kept only BOS names no document)
+    assert loader.crop_fraction == pytest.approx(state["cropped"] / (state["cropped"] + state["tokens"]))
+    assert 0 < loader.crop_fraction < 1
+    loader.close()
+
+
+def test_crops_only_when_nothing_fits(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    long_docs = [f"long{i}|" + "y" * 500 for i in range(30)]  # longer than a row: can never fit
+    short_docs = [f"s{i}|" + "z" * 5 for i in range(300)]  # 1 + 8 tokens each
+    mixed = [d for pair in zip(long_docs, short_docs[:30]) for d in pair] + short_docs[30:]
+    pq.write_table(pa.table({"text": mixed}), folder / "shard_00000.parquet", row_group_size=20)
+    pq.write_table(pa.table({"text": ["v1", "v2"]}), folder / "shard_00001.parquet")
+    loader = DataLoader(ByteTokenizer(), B=2, T=99, source=f"dir:{folder}", buffer_size=40)
+    long_rows = 0
+    for rows in rows_of(take(loader, 10)):
+        for row in rows:
+            segs = segments(row)
+            if segs[0].startswith("long"):  # a too-long document fills a row by itself
+                assert len(segs) == 1 and any(d.startswith(segs[0]) for d in long_docs)
+                long_rows += 1
+                continue
+            assert all(seg in mixed for seg in segs[:-1])  # only the last one of a row can be a crop
+            if segs[-1] not in mixed:  # and only when even the shortest document did not fit
+                assert len(segs[-1]) < len(short_docs[0]) and "z" * 5 not in segs[-1]
+    assert long_rows > 0
+    state = loader.state_dict()
+    assert state["cropped"] >= long_rows * (1 + 505 - 100)
+    loader.close()
+
+
+def test_ranks_read_disjoint_documents(tmp_path):
+    source, docs = make_source(tmp_path / "src", n_train=200, group=10)
+    seen, accounted = [], 0
+    for rank in range(2):
+        loader = DataLoader(ByteTokenizer(), B=2, T=50, source=source, rank=rank, world_size=2, buffer_size=20)
+        ids, anonymous = set(), 0
+        while loader.epoch == 0:  # exactly this rank's first epoch
+            for rows in rows_of([next(loader)]):
+                segs = [seg for row in rows for seg in segments(row)]
+                ids |= {seg.split("|")[0] for seg in segs if seg}
+                anonymous += segs.count("")  # crops that kept only BOS
+        units = dataset.split_row_groups(source, "train", rank, 2)
+        pending = {dataset.read_unit(units[u])[d].split("|")[0] for u, d, _ in loader.state_dict()["pending"]}
+        assert not ids & pending
+        seen.append(ids | pending)
+        accounted += len(ids | pending) + anonymous
+        loader.close()
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert seen[0] | seen[1] <= {d.split("|")[0] for d in docs[:200]}
+    assert accounted == 200  # together the two ranks cover the whole split
+
+
+def test_resume_gives_the_same_batches(tmp_path):
+    source, _ = make_source(tmp_path / "src")
+    tok = ByteTokenizer()
+    ref = DataLoader(tok, B=3, T=40, source=source, buffer_size=30)
+    expected = take(ref, 30)
+    ref.close()
+    for cut in (0, 1, 7, 19):
+        first = DataLoader(tok, B=3, T=40, source=source, buffer_size=30)
+        got = take(first, cut)
+        saved = first.state_dict()
+        first.close()
+        buf = io.BytesIO()
+        torch.save(saved, buf)  # it survives a checkpoint file ...
+        buf.seek(0)
+        saved = json.loads(json.dumps(torch.load(buf)))  # ... and JSON
+        second = DataLoader(tok, B=3, T=40, source=source, buffer_size=30)
+        second.load_state_dict(saved)
+        got += take(second, 30 - cut)
+        second.close()
+        for (x0, y0), (x1, y1) in zip(expected, got):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1), f"resume at batch {cut} diverged"
+
+
+def test_load_state_mid_iteration_restarts_threads(tmp_path):
+    source, _ = make_source(tmp_path / "src")
+    loader = DataLoader(ByteTokenizer(), B=2, T=30, source=source, num_threads=2)
+    take(loader, 3)
+    state = loader.state_dict()
+    after = take(loader, 5)
+    loader.load_state_dict(state)  # threads already ran ahead: they must be replaced
+    again = take(loader, 5)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(after, again))
+    loader.close()
+
+
+def test_bad_state_is_rejected(tmp_path):
+    source, _ = make_source(tmp_path / "src")
+    loader = DataLoader(ByteTokenizer(), B=2, T=30, source=source)
+    state = loader.state_dict()
+    with pytest.raises(UserError, match="split"):
+        loader.load_state_dict(dict(state, split="val"))
+    with pytest.raises(UserError, match="version"):
+        loader.load_state_dict(dict(state, version=99))
+    with pytest.raises(UserError, match="row groups"):
+        loader.load_state_dict(dict(state, unit=10_000))
+    # another world size: the position is carried over approximately (with a warning), not refused
+    two = DataLoader(ByteTokenizer(), B=2, T=30, source=source, rank=1, world_size=2)
+    take(two, 30)
+    moved = two.state_dict()
+    two.close()
+    loader.load_state_dict(moved)
+    assert loader.state_dict()["pending"] == [] and loader.state_dict()["unit"] >= moved["unit"]
+    x, _ = next(loader)
+    assert (x[:, 0] == BOS).all()
+    loader.close()
+
+
+def test_many_epochs_roll_over(tmp_path):
+    source, docs = make_source(tmp_path / "src", n_train=30, n_val=4, group=4)
+    train_ids = {d.split("|")[0] for d in docs[:30]}
+    for split in ("train", "val"):
+        loader = DataLoader(ByteTokenizer(), B=2, T=64, source=source, split=split, buffer_size=1000)
+        counts = {}
+        for rows in rows_of(take(loader, 60)):
+            for row in rows:
+                for seg in filter(None, segments(row)):  # (skip crops that kept only BOS)
+                    counts[seg.split("|")[0]] = counts.get(seg.split("|")[0], 0) + 1
+        assert loader.epoch >= 3
+        expected = train_ids if split == "train" else {d.split("|")[0] for d in docs[30:]}
+        assert set(counts) == expected  # every document, and nothing from the other split
+        assert max(counts.values()) <= loader.epoch + 1
+        loader.close()
+
+
+def test_every_rank_rolls_over_independently(tmp_path):
+    # rank 1 of 3 gets fewer row groups; it must still produce batches, cycling its own share
+    source, _ = make_source(tmp_path / "src", n_train=70, group=10)
+    loaders = [DataLoader(ByteTokenizer(), B=2, T=40, source=source, rank=r, world_size=3) for r in range(3)]
+    for _ in range(40):
+        for loader in loaders:
+            next(loader)
+    assert all(loader.epoch >= 1 for loader in loaders)
+    for loader in loaders:
+        loader.close()
+
+
+def test_errors_reach_the_caller(tmp_path):
+    source, _ = make_source(tmp_path / "src")
+
+    class Broken(ByteTokenizer):
+        def encode(self, texts, **kwargs):
+            raise ValueError("tokenizer exploded")
+
+    loader = DataLoader(Broken(), B=2, T=30, source=source)
+    with pytest.raises(ValueError, match="exploded"):
+        next(loader)
+    with pytest.raises(UserError, match="positive"):
+        DataLoader(ByteTokenizer(), B=0, T=30, source=source)
+
+
+def test_real_tokenizer_on_stdlib_docs(tmp_path_factory, monkeypatch):
+    # the same session-wide base dir as test_dataset.py's stdlib test: the corpus is built once
+    monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path_factory.getbasetemp() / "stdlib-docs-base"))
+    tokenizer = pytest.importorskip("tokenizer")
+    tok = tokenizer.Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: no training needed
+    loader = DataLoader(tok, B=2, T=128, source="stdlib-docs", num_threads=2)
+    x, y = next(loader)
+    bos = tok.get_bos_token_id()
+    assert (x[:, 0] == bos).all() and torch.equal(x[:, 1:], y[:, :-1])
+    text = tok.decode(x[0].tolist())
+    assert text.startswith("<|bos|>") and len(text) > 100
+    val = DataLoader(tok, B=2, T=128, split="val", source="stdlib-docs")
+    assert not torch.equal(next(val)[0], x)
+    loader.close()
+    val.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batches_are_pinned_and_identical(tmp_path):
+    source, _ = make_source(tmp_path / "src")
+    cpu = take(DataLoader(ByteTokenizer(), B=4, T=64, source=source), 10)
+    gpu = take(DataLoader(ByteTokenizer(), B=4, T=64, source=source, device="cuda"), 10)
+    for (x0, y0), (x1, y1) in zip(cpu, gpu):
+        assert x1.is_cuda and torch.equal(x0, x1.cpu()) and torch.equal(y0, y1.cpu())

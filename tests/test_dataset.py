@@ -1,0 +1,374 @@
+"""dataset.py: building and reading shards, folder ingestion, and the FineWeb-edu downloader
+(against a local HTTP server on 127.0.0.1)."""
+
+import http.server
+import random
+import string
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import dataset
+from common import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def base_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.delenv("SPEEDCHAT_FINEWEB_URL", raising=False)
+    return tmp_path / "base"
+
+
+def write_parquet(path, texts, row_group_size=1024, column="text"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({column: pa.array(texts, type=pa.string())}), path, row_group_size=row_group_size)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# splitting and writing
+
+
+def test_split_text_sizes_and_content():
+    paras = [f"paragraph {i} " + "word " * (20 + 37 * (i % 11)) for i in range(300)]
+    text = "\n\n".join(paras)
+    docs = dataset.split_text(text, lo=1000, hi=2000)
+    assert len(docs) > 10
+    assert all(len(d) <= 2000 for d in docs)
+    assert sum(len(d) >= 1000 for d in docs) >= len(docs) - 2  # nearly all reach the lower bound
+    assert "".join(docs).split() == text.split()  # nothing lost, nothing added
+    giant = "x" * 5000 + " " + "y" * 5000  # one paragraph bigger than hi
+    pieces = dataset.split_text(giant, lo=1000, hi=2000)
+    assert all(len(p) <= 2000 for p in pieces) and "".join(pieces).replace(" ", "") == giant.replace(" ", "")
+    assert dataset.split_text("  \n\n ") == []
+    assert dataset.split_text("short") == ["short"]
+
+
+def test_build_is_deterministic_and_cached(tmp_path):
+    docs = [f"document {i}" for i in range(3000)]
+    a = dataset._build(tmp_path / "a", "fp", lambda: list(docs), "a")
+    b = dataset._build(tmp_path / "b", "fp", lambda: list(docs), "b")
+    read = lambda folder: [t for p in sorted(folder.glob("shard_*.parquet")) for t in pq.read_table(p)["text"].to_pylist()]
+    assert read(a) == read(b) != docs  # shuffled, the same way on every build
+    assert sorted(read(a)) == sorted(docs)
+    shards = sorted(a.glob("shard_*.parquet"))
+    assert len(shards) == 2 and pq.ParquetFile(shards[0]).metadata.row_group(0).num_rows == 1024
+    mtime = shards[0].stat().st_mtime_ns
+    dataset._build(a, "fp", lambda: pytest.fail("rebuilt a complete corpus"), "a")  # cached: not called
+    assert shards[0].stat().st_mtime_ns == mtime
+    (a / "manifest.json").unlink()  # an interrupted build (no manifest) is redone
+    dataset._build(a, "fp", lambda: ["x", "y", "z"], "a")
+    assert sorted(read(a)) == ["x", "y", "z"]  # and stale shards are gone
+
+
+@pytest.fixture
+def stdlib_base(tmp_path_factory, monkeypatch):
+    """A base dir shared by this session's stdlib-docs tests, so the corpus is built once."""
+    base = tmp_path_factory.getbasetemp() / "stdlib-docs-base"
+    monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(base))
+    return base
+
+
+def test_stdlib_docs(stdlib_base):
+    base_dir = stdlib_base
+    t0 = time.time()
+    shards = dataset.list_shards("stdlib-docs")
+    build_seconds = time.time() - t0
+    assert build_seconds < 30
+    assert shards[0].parent == base_dir / "data" / "stdlib-docs" and len(shards) >= 2
+    train = list(dataset.iter_documents("stdlib-docs", "train"))
+    val = list(dataset.iter_documents("stdlib-docs", "val"))
+    assert len(train) > 1000 and len(val) > 10
+    assert not set(train) & set(val)
+    text = "\n".join(train + val)
+    assert "Module json" in text and "json.dumps(" in text  # module and function docstrings
+    assert "Python help topic:" in text  # the pydoc topics
+    assert max(map(len, train)) <= dataset.DOC_MAX_CHARS
+    for path in shards:
+        meta = pq.ParquetFile(path).metadata
+        assert all(meta.row_group(i).num_rows <= 1024 for i in range(meta.num_row_groups))
+    t0 = time.time()
+    dataset.ensure_source("stdlib-docs")  # cached: fast
+    assert time.time() - t0 < 1.0
+
+
+# ---------------------------------------------------------------------------
+# dir:PATH
+
+
+def test_dir_source_reads_every_format_and_reports_bad_files(tmp_path, capsys):
+    src = tmp_path / "texts"
+    src.mkdir()
+    long_text = "\n\n".join(f"Paragraph {i}. " + "lorem ipsum " * 60 for i in range(60))  # ~45 KB
+    (src / "book.txt").write_text(long_text)
+    (src / "notes.md").write_text("# Notes\n\nshort markdown document")
+    (src / "sub").mkdir()
+    (src / "sub" / "rows.jsonl").write_text('{"text": "jsonl one"}\n{"text": "jsonl two"}\nnot json\n{"id": 3}\n')
+    write_parquet(src / "sub" / "table.parquet", ["parquet one", "parquet two", None])
+    write_parquet(src / "wrong_column.parquet", ["x"], column="content")
+    (src / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    (src / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (src / "image.png").write_bytes(b"\x89PNG")  # not a text format: ignored
+    shards = dataset.list_shards(f"dir:{src}")
+    err = capsys.readouterr().err
+    for name in ("wrong_column.parquet", "corrupt.parquet", "latin1.txt", "rows.jsonl"):
+        assert name in err, f"{name} not reported"
+    assert "no column 'text'" in err and "not UTF-8" in err and "2 bad line" in err
+    assert shards[0].parent.parent == tmp_path / "base" / "data"  # built under the base dir, src untouched
+    assert sorted(p.name for p in src.rglob("*.parquet")) == ["corrupt.parquet", "table.parquet", "wrong_column.parquet"]
+    docs = list(dataset.iter_documents(f"dir:{src}", "train")) + list(dataset.iter_documents(f"dir:{src}", "val"))
+    for expected in ("jsonl one", "jsonl two", "parquet one", "parquet two", "# Notes\n\nshort markdown document"):
+        assert docs.count(expected) == 1
+    book = [d for d in docs if d.startswith("Paragraph")]
+    assert len(book) > 4 and all(len(d) <= dataset.DOC_MAX_CHARS for d in book)
+    assert len(docs) == 5 + len(book)
+    # unchanged input: cached; a changed file: rebuilt
+    assert dataset.list_shards(f"dir:{src}") == shards
+    (src / "notes.md").write_text("# Notes\n\nedited")
+    docs = [d for p in dataset.list_shards(f"dir:{src}") for d in pq.read_table(p)["text"].to_pylist()]
+    assert "# Notes\n\nedited" in docs
+
+
+def test_dir_source_bad_input_gives_clear_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no usable text in .*empty"):
+        dataset.list_shards(f"dir:{empty}")
+    with pytest.raises(UserError, match="is not a folder"):
+        dataset.list_shards(f"dir:{tmp_path / 'missing'}")
+    bad = tmp_path / "bad"
+    write_parquet(bad / "a.parquet", ["x"], column="body")
+    (bad / "b.parquet").write_bytes(b"garbage")
+    with pytest.raises(UserError, match=r"no usable text in .*bad.*2 bad file.*a\.parquet: no column 'text'"):
+        dataset.list_shards(f"dir:{bad}")
+    assert "b.parquet" in capsys.readouterr().err
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.txt").write_text("a single short document")
+    with pytest.raises(UserError, match="at least 2"):
+        dataset.list_shards(f"dir:{one}")
+    with pytest.raises(UserError, match="unknown data source"):
+        dataset.list_shards("nope")
+
+
+def test_dir_with_shards_is_used_in_place(tmp_path, base_dir):
+    folder = tmp_path / "ready"
+    write_parquet(folder / "shard_00000.parquet", [f"t{i}" for i in range(50)], row_group_size=16)
+    write_parquet(folder / "shard_00001.parquet", ["v0", "v1"])
+    assert dataset.list_shards(f"dir:{folder}") == sorted(folder.glob("shard_*.parquet"))
+    assert list(dataset.iter_documents(f"dir:{folder}", "val")) == ["v0", "v1"]
+    assert list(dataset.iter_documents(f"dir:{folder}", "train", start=3)) == [f"t{i}" for i in range(48, 50)]
+    assert not (base_dir / "data").exists()  # nothing copied
+    (folder / "shard_00001.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(UserError, match="bad shard .*shard_00001.parquet"):
+        dataset.split_row_groups(f"dir:{folder}", "val")
+    (folder / "shard_00001.parquet").unlink()
+    write_parquet(folder / "shard_00001.parquet", ["x"], column="content")
+    with pytest.raises(UserError, match="no column 'text'"):
+        dataset.split_row_groups(f"dir:{folder}", "val")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gutenberg").exists(), reason="../shared/data/gutenberg is not present")
+def test_shared_gutenberg_in_place():
+    units = dataset.split_row_groups(f"dir:{SHARED_DATA / 'gutenberg'}", "val")
+    assert units[0][0].name == "shard_00005.parquet"
+    first = dataset.read_unit(units[0])
+    assert len(first) == dataset.row_counts(units[0][0])[0] > 100
+    assert all(isinstance(t, str) and t for t in first)
+
+
+def test_ranks_get_disjoint_row_groups(tmp_path):
+    folder = tmp_path / "ready"
+    write_parquet(folder / "shard_00000.parquet", [f"a{i}" for i in range(100)], row_group_size=10)
+    write_parquet(folder / "shard_00001.parquet", [f"b{i}" for i in range(35)], row_group_size=10)
+    write_parquet(folder / "shard_00002.parquet", [f"v{i}" for i in range(7)], row_group_size=5)
+    source = f"dir:{folder}"
+    for split, world_size in (("train", 2), ("train", 3), ("val", 3), ("val", 5)):  # val: 2 groups < ranks
+        per_rank = [list(dataset.iter_documents(source, split, rank, world_size)) for rank in range(world_size)]
+        everything = list(dataset.iter_documents(source, split))
+        assert sorted(sum(per_rank, [])) == sorted(everything), (split, world_size)
+        assert len(set(sum(per_rank, []))) == len(everything)
+    assert len(dataset.split_row_groups(source, "train", 1, 2)) == 7  # groups 1, 3, ... of 14
+    with pytest.raises(UserError, match="too few documents"):
+        dataset.split_row_groups(source, "val", 7, 8)
+    two_epochs = list(dataset.iter_documents(source, "val", epochs=2))
+    assert two_epochs == [f"v{i}" for i in range(7)] * 2
+
+
+# ---------------------------------------------------------------------------
+# downloading from a local HTTP server
+
+
+def make_shard_bytes(tmp_path, name, n):
+    rng = random.Random(name)  # incompressible text: the files are ~n * 1.5 KB
+    texts = [f"{name} doc {i} " + "".join(rng.choices(string.ascii_letters + " ", k=1500)) for i in range(n)]
+    path = write_parquet(tmp_path / "served" / name, texts, row_group_size=64)
+    return path.read_bytes()
+
+
+class ShardServer:
+    """Serves {name: bytes} over HTTP on 127.0.0.1 with Range support, and can misbehave:
+    drop the connection half-way (once per name) or serve a truncated file."""
+
+    def __init__(self, files):
+        self.files, self.drop_once, self.truncate, self.log = dict(files), set(), set(), []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.respond(body=False)
+
+            def do_GET(self):
+                self.respond(body=True)
+
+            def respond(self, body):
+                name = self.path.rsplit("/", 1)[-1]
+                server.log.append((self.command, name, self.headers.get("Range")))
+                data = server.files.get(name)
+                if data is None:
+                    self.send_error(404)
+                    return
+                if name in server.truncate:
+                    data = data[: len(data) // 2]  # consistent headers, but the file is cut
+                start = 0
+                rng = self.headers.get("Range")
+                if rng:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                if not body:
+                    return
+                if self.command == "GET" and name in server.drop_once:
+                    server.drop_once.discard(name)
+                    self.wfile.write(data[start: start + (len(data) - start) // 3])
+                    self.wfile.flush()
+                    self.close_connection = True  # hang up mid-file
+                    return
+                self.wfile.write(data[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/files"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def gets(self, name):
+        return [r for r in self.log if r[0] == "GET" and r[1] == name]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def shard_server(tmp_path):
+    names = [dataset.shard_name(i) for i in (0, 1, 2, dataset.FINEWEB_LAST)]
+    server = ShardServer({name: make_shard_bytes(tmp_path, name, 300) for name in names})
+    yield server
+    server.close()
+
+
+def test_download_resumes_after_a_dropped_connection_and_skips_complete(shard_server, base_dir):
+    shard_server.drop_once.add(dataset.shard_name(1))
+    folder = dataset.download_fineweb(3, workers=2, url=shard_server.url, backoff=0.01)
+    names = [dataset.shard_name(i) for i in (0, 1, 2, dataset.FINEWEB_LAST)]
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == names
+    for name in names:
+        assert (folder / name).read_bytes() == shard_server.files[name]
+    dropped = shard_server.gets(dataset.shard_name(1))
+    assert len(dropped) == 2 and dropped[0][2] is None and dropped[1][2].startswith("bytes=")
+    assert int(dropped[1][2].split("=")[1].rstrip("-")) > 0  # resumed, not restarted
+    # the layout is complete and readable; a second run downloads nothing
+    assert dataset.list_shards("fineweb-edu")[-1].name == dataset.shard_name(dataset.FINEWEB_LAST)
+    val = list(dataset.iter_documents("fineweb-edu", "val"))
+    assert len(val) == 300 and val[0].startswith(dataset.shard_name(dataset.FINEWEB_LAST))
+    before = len(shard_server.log)
+    dataset.download_fineweb(3, workers=2, url=shard_server.url, backoff=0.01)
+    assert len(shard_server.log) == before
+
+
+def test_download_rejects_a_truncated_file(shard_server, base_dir):
+    bad = dataset.shard_name(2)
+    shard_server.truncate.add(bad)
+    with pytest.raises(UserError, match=rf"1 of 4 shards failed .*{bad}.*rerun"):
+        dataset.download_fineweb(3, workers=4, url=shard_server.url, retries=2, backoff=0.01)
+    folder = base_dir / "data" / "fineweb-edu"
+    assert not (folder / bad).exists() and not (folder / (bad + ".part")).exists()
+    assert len(shard_server.gets(bad)) == 3  # tried, rejected, retried from zero
+    assert (folder / dataset.shard_name(0)).read_bytes() == shard_server.files[dataset.shard_name(0)]
+    # the server is fixed: a rerun fetches only what is missing
+    shard_server.truncate.clear()
+    shard_server.log.clear()
+    dataset.download_fineweb(3, workers=4, url=shard_server.url, backoff=0.01)
+    assert [r[1] for r in shard_server.log if r[0] == "GET"] == [bad]
+    assert (folder / bad).read_bytes() == shard_server.files[bad]
+
+
+def test_download_resumes_a_partial_file_left_by_a_killed_run(shard_server, base_dir):
+    name = dataset.shard_name(0)
+    folder = base_dir / "data" / "fineweb-edu"
+    folder.mkdir(parents=True)
+    (folder / (name + ".part")).write_bytes(shard_server.files[name][:1000])
+    dataset.download_fineweb(1, workers=1, url=shard_server.url, backoff=0.01)
+    assert shard_server.gets(name) == [("GET", name, "bytes=1000-")]
+    assert (folder / name).read_bytes() == shard_server.files[name]
+
+
+def test_download_missing_file_fails_without_retrying(shard_server, base_dir):
+    del shard_server.files[dataset.shard_name(1)]
+    with pytest.raises(UserError, match="HTTP 404"):
+        dataset.download_fineweb(2, workers=1, url=shard_server.url, retries=3, backoff=0.01)
+    assert len(shard_server.gets(dataset.shard_name(1))) == 1
+
+
+def test_url_from_environment(shard_server, base_dir, monkeypatch):
+    monkeypatch.setenv("SPEEDCHAT_FINEWEB_URL", shard_server.url)
+    dataset.download_fineweb(1, workers=2, backoff=0.01)
+    assert {r[1] for r in shard_server.log} >= {dataset.shard_name(0), dataset.shard_name(dataset.FINEWEB_LAST)}
+
+
+def test_offline_fails_fast_in_one_line(base_dir):
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "dataset", "-n", "4", "--url", f"http://127.0.0.1:{port}/x"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "SPEEDCHAT_BASE_DIR": str(base_dir)})
+    assert time.time() - t0 < 15
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "cannot reach 127.0.0.1" in lines[0] and "--source stdlib-docs" in lines[0] and "dir:PATH" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_fineweb_says_what_to_run(base_dir):
+    with pytest.raises(UserError, match=r"python -m dataset --source fineweb-edu -n"):
+        dataset.list_shards("fineweb-edu")
+
+
+def test_cli_help():
+    proc = subprocess.run([sys.executable, "-m", "dataset", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    for flag in ("--source", "-n", "--workers", "--url", "--retries"):
+        assert flag in proc.stdout
