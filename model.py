@@ -1,0 +1,317 @@
+"""The GPT: a small modern decoder-only transformer.
+
+- token embedding, then RMSNorm (no learnable parameters anywhere in the norms)
+- rotary position embeddings (no learned positions), QK-norm, grouped-query attention
+- pre-norm blocks: x + attn(norm(x)), x + mlp(norm(x)); MLP is 4x wide with ReLU^2
+- no biases; input embedding and lm_head are separate matrices
+- output projections start at zero, so each block starts as the identity
+- logits soft-capped at 15 * tanh(logits / 15), computed in float32
+- vocab padded to a multiple of 64 for fast matmuls; logits are sliced back to the real vocab
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from optim import DistAdamW, Muon
+
+# F.scaled_dot_product_attention(enable_gqa=...) arrived in torch 2.5; before that, repeat kv heads
+SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+LOGIT_SOFTCAP = 15.0
+ROTARY_BASE = 10000.0
+
+
+@dataclass
+class GPTConfig:
+    """Everything needed to rebuild the model (saved with each checkpoint)."""
+
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (grouped-query attention when < n_head)
+    n_embd: int = 768
+
+
+def config_from_depth(depth, vocab_size, sequence_len=2048, aspect_ratio=64, head_dim=128, n_kv_head=None):
+    """The one complexity dial. From --depth:
+
+        n_layer   = depth
+        n_embd    = depth * aspect_ratio, rounded up to a multiple of head_dim
+        n_head    = n_embd // head_dim
+        n_kv_head = n_head (plain multi-head attention) unless given; must divide n_head
+
+    e.g. depth 20 -> 20 layers, width 1280, 10 heads of 128 (about 560M parameters with a
+    65536 vocab). For tiny CPU models lower head_dim, e.g. depth 2, head_dim 32 -> width 128.
+    """
+    if depth < 1 or aspect_ratio < 1 or head_dim < 2 or head_dim % 2:
+        raise ValueError("need depth >= 1, aspect_ratio >= 1 and an even head_dim")
+    n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
+    n_head = n_embd // head_dim
+    n_kv_head = n_head if n_kv_head is None else n_kv_head
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                     n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len, head_dim, device=None):
+    """cos and sin, each (1, seq_len, 1, head_dim // 2) in float32."""
+    inv_freq = ROTARY_BASE ** -(torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x[i], x[i + d/2]) of x (B, T, H, D) by position-dependent angles."""
+    d = x.size(-1) // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def attention(q, k, v):
+    """Causal attention for queries q (B, H, Tq, D) that sit at the LAST Tq positions of the
+    keys/values k, v (B, Hkv, Tk, D), i.e. at positions Tk - Tq .. Tk - 1."""
+    Tq, Tk = q.size(2), k.size(2)
+    gqa = {}
+    if k.size(1) != q.size(1):
+        if SDPA_HAS_GQA:
+            gqa = dict(enable_gqa=True)
+        else:
+            repeats = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    if Tq == Tk:  # training, or a prefill into an empty cache: plain causal (flash kernels)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+    if Tq == 1:  # one new token sees every key
+        return F.scaled_dot_product_attention(q, k, v, **gqa)
+    # a chunk after a cached prefix: query i sees keys 0 .. Tk - Tq + i
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, preallocated as
+    k, v: (num_layers, batch, num_kv_heads, seq_len, head_dim). `pos` is how many positions
+    are filled; a forward pass with the cache writes positions pos .. pos + t and advances
+    pos. Outgrowing seq_len reallocates a larger cache (so pass a generous seq_len)."""
+
+    def __init__(self, batch_size, num_kv_heads, seq_len, head_dim, num_layers, device, dtype):
+        shape = (num_layers, batch_size, num_kv_heads, seq_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def batch_size(self):
+        return self.k.size(1)
+
+    @property
+    def seq_len(self):
+        return self.k.size(3)
+
+    def reset(self):
+        self.pos = 0
+
+    def insert(self, layer, k, v):
+        """Write k, v (B, Hkv, t, D) at positions pos .. pos + t of `layer`; return that layer's
+        keys and values for positions 0 .. pos + t (views, no copy)."""
+        end = self.pos + k.size(2)
+        if end > self.seq_len:
+            self._grow(end)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, t):
+        self.pos += t
+
+    def _grow(self, needed):
+        new_len = max(needed, 2 * self.seq_len)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], new_len, old.size(4))
+            new[:, :, :, : self.pos] = old[:, :, :, : self.pos]
+            setattr(self, name, new)
+
+    def prefill_from(self, other):
+        """Copy the filled part of `other` (batch 1, or the same batch size) into every row
+        of this cache: prefill a prompt once, then sample several continuations."""
+        if other.k.shape[0] != self.k.shape[0] or other.k.shape[2] != self.k.shape[2] or other.k.shape[4] != self.k.shape[4]:
+            raise ValueError("KVCache.prefill_from: layers, kv heads and head_dim must match")
+        if other.batch_size not in (1, self.batch_size):
+            raise ValueError(f"KVCache.prefill_from: cannot copy batch {other.batch_size} into batch {self.batch_size}")
+        self.pos = 0
+        if other.pos > self.seq_len:
+            self._grow(other.pos)
+        self.k[:, :, :, : other.pos] = other.k[:, :, :, : other.pos]
+        self.v[:, :, :, : other.pos] = other.v[:, :, :, : other.pos]
+        self.pos = other.pos
+
+    def expand(self, batch_size):
+        """A new cache with `batch_size` rows, each a copy of this batch-1 cache."""
+        L, _, H, T, D = self.k.shape
+        cache = KVCache(batch_size, H, T, D, L, self.k.device, self.k.dtype)
+        cache.prefill_from(self)
+        return cache
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache has another dtype
+        y = attention(q, k, v)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    """Build with GPT(config) (optionally under `torch.device("meta")` and then
+    `.to_empty(device=...)`), then ALWAYS call init_weights(): it fills the parameters and
+    the rotary tables (non-persistent buffers, so also call it before load_state_dict)."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head or (config.n_embd // config.n_head) % 2:
+            raise ValueError("n_embd must be n_head times an even head_dim")
+        if config.n_head % config.n_kv_head:
+            raise ValueError("n_kv_head must divide n_head")
+        self.config = config
+        self.padded_vocab_size = -(-config.vocab_size // 64) * 64
+        self.wte = nn.Embedding(self.padded_vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
+        self._set_rotary(10 * config.sequence_len, device=None)
+
+    def _set_rotary(self, seq_len, device):
+        cos, sin = rotary_tables(seq_len, self.config.n_embd // self.config.n_head, device=device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Embedding ~ N(0, 1); lm_head ~ N(0, 0.001) so the initial loss is ln(vocab_size);
+        q, k, v and MLP-in ~ U(-a, a) with std 1/sqrt(n_embd); output projections zero."""
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        a = 3**0.5 * self.config.n_embd**-0.5
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(linear.weight, -a, a)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        self._set_rotary(self.cos.size(1), device=self.wte.weight.device)
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx (B, T) token ids. With a kv_cache, idx holds positions cache.pos .. cache.pos + T
+        and the cache is advanced. Returns float32 logits (B, T, vocab_size) when targets is
+        None, else the cross-entropy loss (targets == -1 are ignored):
+          "mean": mean over the counted targets (0.0, not NaN, when none are counted)
+          "sum": their sum;  "none": per-position losses (B, T), 0 where ignored."""
+        B, T = idx.shape
+        t0 = 0 if kv_cache is None else kv_cache.pos
+        if kv_cache is not None and kv_cache.batch_size != B:
+            raise ValueError(f"batch of {B} sequences but the KVCache holds {kv_cache.batch_size}")
+        if t0 + T > self.cos.size(1) or self.cos.device != idx.device:
+            self._set_rotary(max(2 * (t0 + T), self.cos.size(1)), device=idx.device)
+        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+
+        x = norm(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache)
+        x = norm(x)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+
+        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        flat_logits, flat_targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)
+        if loss_reduction == "mean":
+            total = F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="sum")
+            return total / (flat_targets != -1).sum().clamp(min=1)
+        if loss_reduction == "sum":
+            return F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="sum")
+        if loss_reduction == "none":
+            return F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="none").view(B, T)
+        raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', not {loss_reduction!r}")
+
+    def num_params(self):
+        """Parameter counts: embedding (wte), other (every other parameter, lm_head included:
+        it is a matmul every token pays for), total."""
+        embedding = self.wte.weight.numel()
+        total = sum(p.numel() for p in self.parameters())
+        return dict(embedding=embedding, other=total - embedding, total=total)
+
+    def estimate_flops(self):
+        """Training FLOPs per token (forward + backward):
+            6 * (all parameters except the embedding lookup, lm_head included)
+          + 12 * n_layer * n_head * head_dim * sequence_len
+        The first term is 2 FLOPs per multiply-add times 3 (forward, and backward for
+        activations and for weights). The second is attention scores QK^T and the weighted
+        sum AV: 2 matmuls * 2 FLOPs * H * D * T per token per layer, times 3; it counts the
+        full T x T score matrix (causal masking not discounted), as in PaLM and nanochat."""
+        c = self.config
+        head_dim = c.n_embd // c.n_head
+        return 6 * self.num_params()["other"] + 12 * c.n_layer * c.n_head * head_dim * c.sequence_len
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                         adam_betas=(0.8, 0.95)):
+        """[AdamW for wte and lm_head, Muon for every 2-D matrix in the blocks].
+        The AdamW learning rates are given for width 768 and scaled by (n_embd / 768) ** -0.5.
+        weight_decay (decoupled) applies to both. Every param group keeps "initial_lr"; the
+        trainer sets group["lr"] = group["initial_lr"] * schedule_multiplier."""
+        scale = (self.config.n_embd / 768) ** -0.5
+        matrices = list(self.blocks.parameters())
+        if len(matrices) + 2 != len(list(self.parameters())) or any(p.dim() != 2 for p in matrices):
+            raise RuntimeError("setup_optimizers: a parameter would be left without an optimizer")
+        adamw = DistAdamW([dict(params=[self.lm_head.weight], lr=unembedding_lr * scale),
+                           dict(params=[self.wte.weight], lr=embedding_lr * scale)],
+                          betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
+        muon = Muon(matrices, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
+        for opt in (adamw, muon):
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return [adamw, muon]

@@ -1,0 +1,173 @@
+"""Muon and DistAdamW: the maths at world size 1, and world size 2 (gloo on CPU, under
+torchrun) giving the same parameters as world size 1 on the same global batch.
+
+This file is also the torchrun worker: `python tests/test_optim.py OUT_DIR` under torchrun."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for the torchrun worker, which starts in tests/
+
+import optim  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from optim import DistAdamW, Muon, orthogonalize  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and robust on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_close(actual, expected, atol=1e-5, rtol=1e-5, msg=""):
+    # torch.testing.assert_close's first call costs seconds of imports; this is all we need
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), f"{msg} max abs diff {err:.3g}"
+
+
+# --------------------------------------------------------------------------- world size 1
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 96), (96, 32), (40, 64)])
+def test_orthogonalize_singular_values_near_one(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape) * torch.logspace(0, 2, shape[-1])  # badly conditioned on purpose
+    s_in = torch.linalg.svdvals(G)
+    assert (s_in.max(-1).values / s_in.min(-1).values).min() > 10
+    X = orthogonalize(G)
+    assert X.shape == G.shape and X.dtype == torch.float32
+    s = torch.linalg.svdvals(X)
+    assert s.min() > 0.65 and s.max() < 1.25, (s.min(), s.max())
+
+
+def test_orthogonalize_batched_equals_one_by_one():
+    G = torch.randn(4, 16, 24, generator=torch.Generator().manual_seed(0))
+    assert_close(orthogonalize(G), torch.stack([orthogonalize(g) for g in G]), atol=1e-6, rtol=1e-5)
+
+
+def test_muon_steps_match_the_formula():
+    torch.manual_seed(0)
+    tall, wide, tall2 = (torch.nn.Parameter(torch.randn(s)) for s in [(64, 16), (16, 64), (64, 16)])
+    opt = Muon([tall, wide, tall2], lr=0.05, momentum=0.9, weight_decay=0.1)
+    assert len(opt.param_groups) == 2  # grouped by shape
+    params = [tall, wide, tall2]
+    expect = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    for step in range(3):
+        grads = [torch.randn(p.shape) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (g, e) in enumerate(zip(grads, expect)):
+            bufs[i] = 0.9 * bufs[i] + 0.1 * g
+            nesterov = 0.1 * g + 0.9 * bufs[i]
+            scale = max(1, e.size(0) / e.size(1)) ** 0.5
+            expect[i] = e * (1 - 0.05 * 0.1) - 0.05 * scale * orthogonalize(nesterov)
+        for p, e in zip(params, expect):
+            assert_close(p.detach(), e, atol=1e-5, rtol=1e-5)
+
+
+def test_dist_adamw_matches_torch_adamw_at_world_size_1():
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in [(40, 8), (7,), (3, 5)]]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    opt = DistAdamW([dict(params=ours[:2], lr=0.01), dict(params=ours[2:], lr=0.1)], **kw)
+    ref_opt = torch.optim.AdamW([dict(params=ref[:2], lr=0.01), dict(params=ref[2:], lr=0.1)], **kw)
+    for _ in range(5):
+        for p, r in zip(ours, ref):
+            p.grad = torch.randn(p.shape)
+            r.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for p, r in zip(ours, ref):
+        assert_close(p, r, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- world size 2
+# A tiny GPT (3 layers: odd same-shape counts, so Muon's stack gets padded; GQA) plus loose
+# parameters covering DistAdamW's sharded, all-reduced and no-gradient paths and a Muon
+# group smaller than the world size. Every rank gets half of one global batch.
+
+STEPS, GLOBAL_B, T, VOCAB = 4, 4, 16, 100
+
+
+def train(rank=0, world=1):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=T, vocab_size=VOCAB, n_layer=3, n_head=4, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    # embedding_lr lowered from 0.2: Adam (eps 1e-10) turns float rounding in near-zero
+    # gradients into lr-sized moves, which would need a looser tolerance
+    optimizers = model.setup_optimizers(embedding_lr=0.05, weight_decay=0.01)
+    loose = {name: torch.nn.Parameter(torch.randn(shape)) for name, shape in
+             [("sharded", (64, 32)), ("odd", (5, 3)), ("vec", (7,)), ("no_grad", (4, 4)), ("lone", (24, 40))]}
+    # a large eps makes Adam's step depend on the gradient's scale, so a wrong average shows
+    optimizers.append(DistAdamW([loose[n] for n in ("sharded", "odd", "vec", "no_grad")], lr=0.01, eps=0.05,
+                                weight_decay=0.1))
+    optimizers.append(Muon([loose["lone"]], lr=0.02, weight_decay=0.1))
+    data = torch.Generator().manual_seed(1)
+    rows = slice(rank * GLOBAL_B // world, (rank + 1) * GLOBAL_B // world)
+    for step in range(STEPS):
+        x = torch.randint(0, VOCAB, (GLOBAL_B, T), generator=data)[rows]
+        y = torch.randint(0, VOCAB, (GLOBAL_B, T), generator=data)[rows]
+        loss = model(x, y)
+        # a loss on the loose params that depends on this rank's rows (mean over them)
+        feature = x.float().mean(dim=1, keepdim=True) / VOCAB  # (rows, 1)
+        for name in ("sharded", "odd", "vec", "lone"):
+            p = loose[name]
+            loss = loss + (feature * (p.reshape(1, -1) - 0.1 * step) ** 2).mean()
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        for p in loose.values():
+            p.grad = None
+    state = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    state.update({f"loose.{k}": v.detach().clone() for k, v in loose.items()})
+    return state
+
+
+def _worker(out_dir):
+    from common import compute_cleanup, compute_init
+
+    torch.set_num_threads(1)
+    _, rank, _, world, _ = compute_init("cpu")
+    torch.save(train(rank, world), Path(out_dir) / f"rank{rank}.pt")
+    optim._reduce_scatter_works = False  # the all_reduce + slice path (old gloo)
+    torch.save(train(rank, world), Path(out_dir) / f"rank{rank}_fallback.pt")
+    compute_cleanup()
+
+
+def test_world_size_2_equals_world_size_1(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", SPEEDCHAT_BASE_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           __file__, str(tmp_path)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    single = train()
+    start = GPT(GPTConfig(sequence_len=T, vocab_size=VOCAB, n_layer=3, n_head=4, n_kv_head=2, n_embd=64))
+    torch.manual_seed(0)
+    start.init_weights()
+    assert not torch.allclose(single["model.blocks.0.mlp.c_fc.weight"], start.blocks[0].mlp.c_fc.weight)
+    for tag in ("", "_fallback"):
+        r0 = torch.load(tmp_path / f"rank0{tag}.pt")
+        r1 = torch.load(tmp_path / f"rank1{tag}.pt")
+        assert r0.keys() == single.keys()
+        for name, expected in single.items():
+            assert torch.equal(r0[name], r1[name]), f"ranks disagree on {name}{tag}"
+            assert_close(r0[name], expected, atol=1e-5, rtol=1e-5, msg=f"{name}{tag}")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
