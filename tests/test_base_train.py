@@ -1,0 +1,228 @@
+"""base_train.py: schedules, bits-per-byte, and tiny real runs on CPU (stdlib-docs):
+exact resume, validation bpb going down, clear errors, the report section."""
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import base_train
+import checkpoint
+from common import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+# a ~100k-parameter model: 2 layers of width 64 (4 heads of 16), 64-token context, 2 x 2 rows per step
+TINY = ["--device", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "64",
+        "--device-batch-size", "2", "--total-batch-size", "256", "--eval-tokens", "1024", "--sample-every", "-1",
+        "--run", "dummy"]
+
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The models here are tiny: a second thread only adds waiting, a lot of it on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------
+# Pure functions
+
+
+def test_lr_schedule():
+    lrm = lambda s: base_train.lr_multiplier(s, 100, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.0)
+    assert lrm(0) == pytest.approx(0.1) and lrm(9) == pytest.approx(1.0)
+    assert lrm(10) == lrm(50) == lrm(80) == 1.0
+    assert lrm(90) == pytest.approx(0.5) and lrm(99) == pytest.approx(0.05)
+    assert base_train.lr_multiplier(99, 100, 0.0, 0.2, final_lr_frac=0.1) == pytest.approx(0.05 + 0.95 * 0.1)
+    assert base_train.lr_multiplier(0, 100, 0.0, 0.2, 0.0) == 1.0  # no warmup by default
+    assert base_train.lr_multiplier(5, 10, 0.0, 0.0, 0.0) == 1.0  # no warmdown: constant
+
+
+def test_muon_momentum_warmup():
+    assert base_train.muon_momentum(0) == pytest.approx(0.85)
+    assert base_train.muon_momentum(150) == pytest.approx(0.90)
+    assert base_train.muon_momentum(300) == base_train.muon_momentum(5000) == pytest.approx(0.95)
+
+
+def test_batch_derivation_and_divisibility_error():
+    args = base_train.get_args(["--device-batch-size", "4", "--max-seq-len", "128", "--total-batch-size", "2048"])
+    assert base_train.derive_batch(args, world_size=2) == (2048, 2)
+    args = base_train.get_args(["--device-batch-size", "4", "--max-seq-len", "128", "--total-batch-size", "-1"])
+    assert base_train.derive_batch(args, world_size=3) == (1536, 1)
+    args = base_train.get_args(["--device-batch-size", "3", "--max-seq-len", "100", "--total-batch-size", "1000"])
+    with pytest.raises(UserError, match="not a multiple of device batch x seq len x processes"):
+        base_train.derive_batch(args, world_size=1)
+    # the d20 defaults: 32 x 2048 x 8 GPUs = 524288, no accumulation
+    assert base_train.derive_batch(base_train.get_args([]), world_size=8) == (524288, 1)
+
+
+def test_horizon_from_param_data_ratio():
+    args = base_train.get_args(["--target-param-data-ratio", "20"])
+    assert base_train.derive_num_iterations(args, num_params=1_000_000, total_batch_size=1000) == 20_000
+    args = base_train.get_args(["--num-iterations", "7"])
+    assert base_train.derive_num_iterations(args, num_params=1_000_000, total_batch_size=1000) == 7
+
+
+class FixedLossModel:
+    """Returns given per-position losses, like GPT(..., loss_reduction="none")."""
+
+    def __init__(self, losses):
+        self.losses = losses
+
+    def __call__(self, x, y, loss_reduction="mean"):
+        assert loss_reduction == "none"
+        return self.losses
+
+
+def test_evaluate_bpb_skips_special_and_masked_targets():
+    token_bytes = torch.tensor([0, 1, 2, 3])  # token 0 is a special token
+    y = torch.tensor([[1, 2, 0, -1], [3, 3, 1, 2]])
+    losses = torch.tensor([[1.0, 2.0, 50.0, 0.0], [3.0, 3.0, 1.0, 2.0]])
+    batches = itertools.repeat((torch.zeros_like(y), y))
+    bpb = base_train.evaluate_bpb(FixedLossModel(losses), batches, 3, token_bytes)
+    nats, nbytes = 3 * (1 + 2 + 3 + 3 + 1 + 2), 3 * (1 + 2 + 3 + 3 + 1 + 2)
+    assert bpb == pytest.approx(nats / (math.log(2) * nbytes))
+    assert bpb == pytest.approx(1 / math.log(2))
+    # a real byte-weighting check: same nats, more bytes -> fewer bits per byte
+    bpb2 = base_train.evaluate_bpb(FixedLossModel(losses), batches, 3, token_bytes * 2)
+    assert bpb2 == pytest.approx(bpb / 2)
+
+
+def test_peak_flops_is_none_on_cpu():
+    assert base_train.peak_flops(torch.device("cpu"), torch.float32) is None
+
+
+def test_help_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "base_train", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--depth", "--resume", "--total-batch-size", "--target-param-data-ratio", "--eval-every"):
+        assert flag in out.stdout
+
+
+# ---------------------------------------------------------------------------
+# Tiny real runs
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """stdlib-docs shards and a ~512-token tokenizer, built once for the module."""
+    import dataset
+    from tokenizer import Tokenizer, save_token_bytes
+
+    root = tmp_path_factory.mktemp("prepared")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPEEDCHAT_BASE_DIR", str(root))
+        dataset.ensure_source("stdlib-docs")
+        docs = itertools.islice(dataset.iter_documents("stdlib-docs", "train"), 1000)
+        try:
+            tok = Tokenizer.train_from_iterator(docs, 512)
+        except UserError:  # the rustbpe extension is not built here: a bytes-only tokenizer does too
+            tok = Tokenizer({bytes([b]): b for b in range(256)})
+        tok.save(root / "tokenizer")
+        save_token_bytes(tok, root / "tokenizer")
+    return root
+
+
+@pytest.fixture
+def base_dir(prepared, tmp_path, monkeypatch):
+    for name in ("data", "tokenizer"):
+        (tmp_path / name).symlink_to(prepared / name)
+    monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def load_step(tag, step):
+    model_state, optim_states, meta = checkpoint.load_checkpoint("base", tag, step, "cpu", load_optimizer=True)
+    return model_state, optim_states, meta
+
+
+def assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"differs at {where}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"differs at {where}: {a!r} != {b!r}"
+
+
+def test_resume_is_bitwise_identical(base_dir):
+    # 2 x 2 x 64 per micro-step and 256 tokens per step: gradient accumulation over 2 micro-steps
+    flags = TINY + ["--num-iterations", "8", "--save-every", "4", "--eval-every", "4", "--keep-last", "-1",
+                    "--model-tag", "r"]
+    base_train.main(flags)  # uninterrupted: saves steps 4 and 8
+    straight_model, straight_optim, straight_meta = load_step("r", 8)
+    assert checkpoint.list_steps(checkpoint.checkpoint_dir("base", "r")) == [4, 8]
+
+    # as if the run had died right after step 4: continue from there
+    base_train.main(flags + ["--resume", "--resume-step", "4"])
+    resumed_model, resumed_optim, resumed_meta = load_step("r", 8)
+
+    assert_same_tensors(straight_model, resumed_model, "model")
+    assert_same_tensors(straight_optim, resumed_optim, "optimizer")
+    for key in ("loss", "val_bpb", "dataloader_state", "loop_state"):
+        loop_a, loop_b = straight_meta[key], resumed_meta[key]
+        if key == "loop_state":  # wall-clock time differs, nothing else may
+            loop_a, loop_b = dict(loop_a, training_time=0), dict(loop_b, training_time=0)
+        assert loop_a == loop_b, key
+    assert len(straight_meta["loop_state"]["curve"]["loss"]) == 8
+    # training actually moved the weights (else equality would prove nothing)
+    first, _, _ = load_step("r", 4)
+    assert not torch.equal(first["blocks.0.attn.c_q.weight"], straight_model["blocks.0.attn.c_q.weight"])
+
+
+def test_tiny_run_lowers_validation_bpb_and_writes_report(base_dir):
+    result = base_train.main(TINY + ["--num-iterations", "40", "--eval-every", "20", "--save-every", "-1",
+                                     "--total-batch-size", "512", "--device-batch-size", "4"])
+    val = result["curve"]["val_bpb"]
+    assert result["curve"]["val_step"] == [0, 20, 40]
+    assert val[-1] < val[0] - 0.5, val
+    assert result["min_val_bpb"] == min(val)
+    # the checkpoint at the end rebuilds the same model for the later stages
+    model, tokenizer, meta = checkpoint.load_model("base", "cpu")
+    assert meta["step"] == 40 and meta["tag"] == "d2" and meta["source"] == "stdlib-docs"
+    assert meta["model_config"]["n_embd"] == 64 and meta["model_config"]["n_head"] == 4
+    # the report section and its curve data
+    section = (base_dir / "report" / "base-train.md").read_text()
+    assert "min validation bpb" in section and "parameters" in section and "MFU: n/a" in section
+    data = json.loads((base_dir / "report" / "base-train.json").read_text())
+    assert data["curve"]["val_bpb"] == val and len(data["curve"]["loss"]) == 40
+    assert data["curve"]["loss"][-1] < data["curve"]["loss"][0]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(base_dir):
+    with pytest.raises(UserError, match=r"--resume: no base checkpoint under .*d2"):
+        base_train.main(TINY + ["--num-iterations", "2", "--resume"])
+
+
+def test_resume_with_other_model_flags_is_a_clear_error(base_dir):
+    base_train.main(TINY + ["--num-iterations", "2", "--eval-every", "-1"])
+    with pytest.raises(UserError, match="different model"):
+        base_train.main(TINY + ["--num-iterations", "4", "--resume", "--aspect-ratio", "64", "--model-tag", "d2"])
+
+
+def test_fresh_run_replaces_stale_checkpoints(base_dir):
+    base_train.main(TINY + ["--num-iterations", "4", "--save-every", "2", "--keep-last", "-1", "--eval-every", "-1"])
+    directory = checkpoint.checkpoint_dir("base", "d2")
+    assert checkpoint.list_steps(directory) == [2, 4]
+    base_train.main(TINY + ["--num-iterations", "1", "--eval-every", "-1"])
+    assert checkpoint.list_steps(directory) == [1]  # not a mix of two runs
+
+
+def test_bad_batch_flags_are_a_clear_error(base_dir):
+    with pytest.raises(UserError, match="--total-batch-size 100 is not a multiple"):
+        base_train.main(TINY + ["--total-batch-size", "100", "--num-iterations", "1"])
