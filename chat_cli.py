@@ -1,0 +1,104 @@
+"""Chat with a trained model in the terminal.
+
+    python -m chat_cli                      # interactive, the latest sft checkpoint
+    python -m chat_cli -p "Why is the sky blue?"   # one answer, then exit
+    python -m chat_cli --source mid --temperature 0.8 --top-k 50
+
+Type /clear to start a new conversation and /exit (or Ctrl-D) to leave. Replies stream as
+they are generated; the conversation so far is the context of every reply.
+"""
+
+import sys
+import argparse
+
+from common import UserError, autodetect_device, run_main
+from engine import StreamDecoder, assistant_parts, chat_prompt, load_engine
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Chat with a speedchat model in the terminal.")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
+    p.add_argument("--source", default="sft", choices=["base", "mid", "sft"], help="which stage's checkpoint to load")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. d20 (default: the latest written)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--device", default=None, help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this much mass")
+    p.add_argument("--max-tokens", type=int, default=512, help="at most this many tokens per reply")
+    p.add_argument("--seed", type=int, default=42, help="random seed (each reply uses seed + turn number)")
+    args = p.parse_args(argv)
+    if args.temperature < 0:
+        raise UserError("--temperature must be >= 0")
+    if not 0 < args.top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+    if args.max_tokens < 1:
+        raise UserError("--max-tokens must be at least 1")
+    return args
+
+
+def reply(engine, messages, args, turn, out=None) -> str | None:
+    """Stream the assistant's answer to `messages` into `out`; return its text, or None when
+    the conversation no longer fits in the model's context."""
+    ids = chat_prompt(engine.tokenizer, messages)
+    room = engine.model.config.sequence_len - len(ids)
+    if room <= 0:
+        return None
+    out = out or sys.stdout
+    decoder = StreamDecoder(engine.tokenizer)
+    stream = engine.generate(ids, num_samples=1, max_tokens=min(args.max_tokens, room), temperature=args.temperature,
+                             top_k=args.top_k or None, top_p=args.top_p, seed=args.seed + turn)
+    for column, _ in stream:
+        if column[0] in engine.stop_tokens:
+            break
+        out.write(decoder.add(column[0]))
+        out.flush()
+    out.write(decoder.flush() + "\n")
+    out.flush()
+    return decoder.text()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or autodetect_device()
+    engine, meta = load_engine(args.source, device, args.tag, args.step)
+    if args.prompt is not None:
+        if reply(engine, [{"role": "user", "content": args.prompt}], args, 0) is None:
+            raise UserError("the prompt is longer than the model's context: shorten it")
+        return
+    print(f"speedchat ({args.source} {meta.get('tag', '')}, step {meta.get('step', '?')}, {device}). "
+          "/clear starts over, /exit leaves.", flush=True)
+    messages, turn = [], 0
+    while True:
+        try:
+            line = input("\nUser: ")
+        except EOFError:
+            print()
+            return
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/clear":
+            messages = []
+            print("(new conversation)")
+            continue
+        if not command:
+            continue
+        messages.append({"role": "user", "content": line})
+        print("\nAssistant: ", end="", flush=True)
+        try:
+            text = reply(engine, messages, args, turn)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+            messages.pop()
+            print("\n(reply interrupted)")
+            continue
+        if text is None:
+            messages.pop()
+            print("(the conversation is too long for the model's context: /clear to start over)")
+            continue
+        messages.append({"role": "assistant", "content": assistant_parts(text)})
+        turn += 1
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,439 @@
+"""Inference: KV-cached, batched sampling with the calculator tool.
+
+    engine = Engine(model, tokenizer)
+    for token_column, mask_column in engine.generate(prompt_ids, num_samples=4, max_tokens=64):
+        ...                                  # one token per row per step, streamed
+    results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
+
+The prompt is prefilled once with batch size 1; its KV cache is then copied into a cache with
+one row per sample, and all rows decode together, one token per step. A row stops at
+<|assistant_end|> or <|bos|>; the loop ends when every row has stopped or `max_tokens` is spent.
+
+Tool use: when a row writes <|python_start|> expr <|python_end|>, the expression is evaluated by
+`calculator` (a tiny ast interpreter: arithmetic and a few string methods, nothing else) and
+<|output_start|> result <|output_end|> is forced into that row, token by token. Forced tokens are
+not sampled and are reported with mask 0 (sampled tokens have mask 1).
+"""
+
+import ast
+import math
+import contextlib
+from collections import deque
+
+import torch
+
+from common import get_dtype
+from model import KVCache
+
+# ---------------------------------------------------------------------------
+# The calculator tool: a whitelist interpreter over Python's ast (never eval()).
+
+MAX_EXPR_CHARS = 400      # longer expressions are refused outright
+MAX_NODES = 120           # ast nodes per expression
+MAX_INT_BITS = 4000       # ~1200 decimal digits: big enough for homework, small enough to print
+MAX_STR_LEN = 10_000      # characters in any intermediate string (and items in a split)
+STR_METHODS = {"count", "upper", "lower", "strip", "replace", "split", "startswith", "endswith", "find"}
+BIN_OPS = {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
+    ast.Pow: lambda a, b: a ** b,
+}
+
+
+class Refused(ValueError):
+    """The expression is outside what the calculator will evaluate."""
+
+
+def _is_num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_size(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise Refused("integer too large")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Refused("result is not finite")
+    if isinstance(value, (str, list)) and len(value) > MAX_STR_LEN:
+        raise Refused("string too long")
+    return value
+
+
+def _binop(op, a, b):
+    kind = type(op)
+    if kind not in BIN_OPS:
+        raise Refused(f"operator {kind.__name__} is not allowed")
+    if _is_num(a) and _is_num(b):
+        # a power is the one operation whose cost explodes: bound its size before computing
+        # (everything else works on size-checked operands, so it is cheap)
+        if kind is ast.Pow:
+            if isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1:
+                if b * a.bit_length() > MAX_INT_BITS + 64:
+                    raise Refused("power too large")
+            if abs(b) > 10_000 and not (isinstance(a, (int, float)) and abs(a) in (0, 1)):
+                raise Refused("exponent too large")
+        if kind in (ast.Div, ast.FloorDiv, ast.Mod) and b == 0:
+            raise Refused("division by zero")
+        try:
+            result = BIN_OPS[kind](a, b)
+        except (OverflowError, ZeroDivisionError, ValueError) as e:
+            raise Refused(str(e))
+        if isinstance(result, complex):
+            raise Refused("complex result")
+        return _check_size(result)
+    # strings: concatenation and repetition only (% on a string would be formatting)
+    if kind is ast.Add and isinstance(a, str) and isinstance(b, str):
+        if len(a) + len(b) > MAX_STR_LEN:
+            raise Refused("string too long")
+        return a + b
+    if kind is ast.Mult and {type(a), type(b)} == {str, int}:
+        s, n = (a, b) if isinstance(a, str) else (b, a)
+        if len(s) * max(n, 0) > MAX_STR_LEN:  # checked before building it
+            raise Refused("string too long")
+        return s * n
+    raise Refused(f"{kind.__name__} on {type(a).__name__} and {type(b).__name__} is not allowed")
+
+
+def _call(node, ev):
+    if node.keywords:
+        raise Refused("keyword arguments are not allowed")
+    func = node.func
+    if isinstance(func, ast.Name):
+        if func.id != "len" or len(node.args) != 1:
+            raise Refused(f"function {func.id!r} is not allowed")
+        obj = ev(node.args[0])
+        if not isinstance(obj, (str, list)):
+            raise Refused("len() of a non-string")
+        return len(obj)
+    args = [ev(a) for a in node.args]
+    if any(not isinstance(a, (str, int)) or isinstance(a, bool) for a in args):
+        raise Refused("arguments must be strings or integers")
+    if not isinstance(func, ast.Attribute) or func.attr not in STR_METHODS:
+        raise Refused("only the string methods " + ", ".join(sorted(STR_METHODS)) + " are allowed")
+    obj = ev(func.value)
+    if not isinstance(obj, str):
+        raise Refused(f".{func.attr}() on a {type(obj).__name__}")
+    if func.attr == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        # the result length is known in advance: refuse before building a huge string
+        grow = obj.count(args[0]) * (len(args[1]) - len(args[0]))
+        if len(obj) + grow > MAX_STR_LEN:
+            raise Refused("string too long")
+    try:
+        return _check_size(getattr(obj, func.attr)(*args))
+    except (TypeError, ValueError) as e:  # wrong arguments, "empty separator", ...
+        raise Refused(str(e))
+
+
+def safe_eval(expr: str):
+    """Evaluate a calculator expression; raise Refused for anything outside the whitelist.
+    Allowed: int/float/str literals, + - * / // % **, unary minus/plus, parentheses, len(),
+    and the string methods in STR_METHODS. Every intermediate value is size-checked, so the
+    work is bounded by MAX_EXPR_CHARS * MAX_NODES small operations."""
+    if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
+        raise Refused("expression too long")
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
+        raise Refused(f"not an expression: {e}")
+    if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
+        raise Refused("expression too complex")
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, (int, float, str)):
+                raise Refused(f"literal {node.value!r} is not allowed")
+            return _check_size(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            value = ev(node.operand)
+            if not _is_num(value):
+                raise Refused("unary minus on a non-number")
+            return -value if isinstance(node.op, ast.USub) else value
+        if isinstance(node, ast.BinOp):
+            return _binop(node.op, ev(node.left), ev(node.right))
+        if isinstance(node, ast.Call):
+            return _call(node, ev)
+        raise Refused(f"{type(node).__name__} is not allowed")
+
+    try:
+        return ev(tree)
+    except RecursionError:
+        raise Refused("expression too deeply nested")
+
+
+def calculator(expr: str) -> str | None:
+    """The tool's answer as text, or None when the expression is refused."""
+    try:
+        value = safe_eval(expr)
+    except Refused:
+        return None
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        value = int(value)  # 6/3 -> "2", which is what a person (and the training data) writes
+    return str(value)
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+
+
+@torch.inference_mode()
+def sample_next(logits, generator, temperature=1.0, top_k=None, top_p=None):
+    """Sample one token per row from logits (B, V) -> (B,) LongTensor. temperature 0 = argmax."""
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        values, indices = torch.topk(logits, top_k, dim=-1)  # sorted, descending
+    else:
+        values, indices = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(values, dim=-1)
+    if top_p is not None and 0.0 < top_p < 1.0:
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        before = torch.cumsum(probs, dim=-1) - probs
+        probs = probs.masked_fill(before >= top_p, 0.0)
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    return indices.gather(-1, choice).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------
+# The engine
+
+
+class _Row:
+    """Per-sample decoding state that lives on the host."""
+
+    __slots__ = ("forced", "in_python", "python_tokens", "done")
+
+    def __init__(self):
+        self.forced = deque()     # tokens to force in before sampling resumes (tool output)
+        self.in_python = False    # between <|python_start|> and <|python_end|>
+        self.python_tokens = []
+        self.done = False
+
+
+MAX_PYTHON_TOKENS = 256  # a longer tool call is not a calculator expression: ignore it
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        special = tokenizer.encode_special
+        self.bos = tokenizer.get_bos_token_id()
+        self.assistant_end = special("<|assistant_end|>")
+        self.python_start = special("<|python_start|>")
+        self.python_end = special("<|python_end|>")
+        self.output_start = special("<|output_start|>")
+        self.output_end = special("<|output_end|>")
+        self.stop_tokens = {self.assistant_end, self.bos}
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _compute_dtype(self):
+        """fp32 weights on a bf16-capable GPU run under autocast; the cache holds k/v in the
+        dtype attention computes in (a mismatch would cast the whole cache every step)."""
+        param = next(self.model.parameters())
+        if param.device.type == "cuda" and param.dtype == torch.float32:
+            return get_dtype("cuda")
+        return param.dtype
+
+    def _autocast(self):
+        param = next(self.model.parameters())
+        dtype = self._compute_dtype()
+        if dtype != param.dtype:
+            return torch.autocast(param.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def _forward(self, ids, cache, autocast):
+        """Last-position logits (B, V) for ids (B, t) at positions cache.pos .. cache.pos + t."""
+        with autocast:
+            return self.model(ids, kv_cache=cache)[:, -1, :]
+
+    def _new_cache(self, batch_size, seq_len):
+        cfg = self.model.config
+        return KVCache(batch_size, cfg.n_kv_head, seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer,
+                       self._device(), self._compute_dtype())
+
+    def _tool_output(self, row):
+        """The row just closed a python block: queue the calculator's answer as forced tokens."""
+        expr = self.tokenizer.decode(row.python_tokens)
+        row.in_python, row.python_tokens = False, []
+        result = calculator(expr)
+        if result is not None:
+            row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """Stream completions of the prompt `tokens` (list of ids): yields, per step,
+        (token_column, mask_column), one entry per sample. Rows that have stopped keep
+        appearing in later columns (with whatever was sampled): stop on your side, or use
+        generate_batch. `max_tokens` counts generated tokens, forced ones included."""
+        assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "tokens: a non-empty list of ids"
+        assert num_samples >= 1, "num_samples must be at least 1"
+        device = self._device()
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        if max_tokens is None:
+            max_tokens = max(self.model.config.sequence_len - len(tokens), 1)
+        if max_tokens <= 0:
+            return
+
+        # 1) prefill the prompt once, batch 1; 2) copy its cache into one row per sample
+        # (one sample decodes straight from the prefill cache). The cache is sized for the whole
+        # reply, up to one context's worth; past that it grows by doubling.
+        room = len(tokens) + min(max_tokens, self.model.config.sequence_len)
+        cache = self._new_cache(1, room if num_samples == 1 else len(tokens))
+        autocast = self._autocast()
+        logits = self._forward(torch.tensor([tokens], dtype=torch.long, device=device), cache, autocast)
+        if num_samples > 1:
+            prefill_cache, cache = cache, self._new_cache(num_samples, room)
+            cache.prefill_from(prefill_cache)
+            del prefill_cache
+            logits = logits.expand(num_samples, -1)
+
+        rows = [_Row() for _ in range(num_samples)]
+        for step in range(max_tokens):
+            sampled = sample_next(logits, generator, temperature, top_k, top_p)
+            column = sampled.tolist()  # the one host sync per step: stops and tool calls need it
+            masks = [1] * num_samples
+            any_forced = False
+            for i, row in enumerate(rows):
+                if row.forced:
+                    column[i] = row.forced.popleft()
+                    masks[i] = 0
+                    any_forced = True
+                self._track(row, column[i])
+            yield column, masks
+            if all(row.done for row in rows) or step == max_tokens - 1:
+                return
+            # feed the column back; reuse the device tensor unless a row was overridden
+            ids = torch.tensor(column, dtype=torch.long, device=device) if any_forced else sampled
+            logits = self._forward(ids.view(num_samples, 1), cache, autocast)
+
+    def _track(self, row, token):
+        """Update a row's state after it emits `token`."""
+        if row.done:
+            return
+        if token in self.stop_tokens:
+            row.done = True
+        elif token == self.python_start:
+            row.in_python, row.python_tokens = True, []
+        elif token == self.python_end and row.in_python:
+            self._tool_output(row)
+        elif row.in_python:
+            row.python_tokens.append(token)
+            if len(row.python_tokens) > MAX_PYTHON_TOKENS:
+                row.in_python, row.python_tokens = False, []
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """Non-streaming: (results, masks), one list per sample. Each result is the prompt
+        followed by the generated tokens up to (not including) the stop token; masks are
+        0 over the prompt and forced tool output, 1 over sampled tokens."""
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, mask_column)):
+                if done[i]:
+                    continue
+                if token in self.stop_tokens:
+                    done[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+            if all(done):
+                break
+        return results, masks
+
+
+# ---------------------------------------------------------------------------
+# Loading a model to chat with (chat_cli, chat_web)
+
+SOURCE_FALLBACK_HINT = {"sft": " (or --source mid/base)", "mid": " (or --source base)", "base": ""}
+
+
+def load_engine(source="sft", device="cpu", tag=None, step=None):
+    """(Engine, meta) for the latest (or given) checkpoint of stage `source`, with a one-line
+    UserError that says which script to run when that stage has no checkpoint yet."""
+    import checkpoint
+    from common import UserError
+
+    if source not in checkpoint.STAGES:
+        raise UserError(f"unknown --source {source!r}: use one of {', '.join(checkpoint.STAGES)}")
+    has_any = checkpoint.list_steps(checkpoint.checkpoint_dir(source, tag)) if tag else checkpoint.find_last_tag(source)
+    if not has_any:
+        what = f"{source} checkpoint" + (f" with tag {tag!r}" if tag else "")
+        raise UserError(f"no {what}: run `python -m {checkpoint.STAGE_SCRIPTS[source]}` first"
+                        + SOURCE_FALLBACK_HINT[source])
+    model, tokenizer, meta = checkpoint.load_model(source, device, tag=tag, step=step, phase="eval")
+    return Engine(model, tokenizer), meta
+
+
+# ---------------------------------------------------------------------------
+# Text helpers shared by chat_cli and chat_web
+
+TOOL_MARKERS = {"<|python_start|>": ("<|python_end|>", "python"), "<|output_start|>": ("<|output_end|>", "python_output")}
+
+
+def assistant_parts(text: str):
+    """An assistant reply as shown to people (tool calls appear as their special-token markers,
+    which is what `tokenizer.decode` writes) -> the content for a conversation: a plain str when
+    there are no tool calls, else a list of text / python / python_output parts. This lets a
+    client send a reply back as history and the model see the same tokens it produced."""
+    if not any(m in text for m in TOOL_MARKERS):
+        return text
+    parts, i = [], 0
+    while i < len(text):
+        starts = [(text.find(m, i), m) for m in TOOL_MARKERS if text.find(m, i) >= 0]
+        if not starts:
+            parts.append({"type": "text", "text": text[i:]})
+            break
+        j, marker = min(starts)
+        if j > i:
+            parts.append({"type": "text", "text": text[i:j]})
+        end_marker, kind = TOOL_MARKERS[marker]
+        k = text.find(end_marker, j)
+        k = len(text) if k < 0 else k  # an unclosed block runs to the end
+        parts.append({"type": kind, "text": text[j + len(marker):k]})
+        i = k + len(end_marker)
+    return parts
+
+
+def chat_prompt(tokenizer, messages) -> list[int]:
+    """Token ids that prime the model to answer `messages` (dicts with role and content, the
+    OpenAI shape): assistant replies are split back into tool parts by assistant_parts."""
+    messages = [dict(m, content=assistant_parts(m["content"])) if m["role"] == "assistant" and isinstance(m["content"], str)
+                else m for m in messages]
+    return tokenizer.render_for_completion({"messages": messages})
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces without splitting a UTF-8 character:
+    a token can end in the middle of a multi-byte character, so text that ends in U+FFFD is
+    held back (up to 4 tokens, the longest UTF-8 sequence) until the next token completes it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = []  # ids not yet turned into text
+        self.pieces = []
+
+    def add(self, token: int) -> str:
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 4:
+            return ""
+        self.pending = []
+        self.pieces.append(text)
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        self.pieces.append(text)
+        return text
+
+    def text(self) -> str:
+        return "".join(self.pieces) + (self.tokenizer.decode(self.pending) if self.pending else "")

@@ -1,0 +1,91 @@
+"""chat_cli.py: one-shot and interactive chat on a tiny checkpoint, and the messages shown
+when a stage has no checkpoint yet."""
+
+import os
+import sys
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import chat_cli
+from common import UserError
+from test_engine import save_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_missing_checkpoint_messages(base_dir):
+    with pytest.raises(UserError, match=r"^no sft checkpoint: run `python -m chat_sft` first \(or --source mid/base\)$"):
+        chat_cli.main(["-p", "hi"])
+    with pytest.raises(UserError, match=r"^no mid checkpoint: run `python -m mid_train` first \(or --source base\)$"):
+        chat_cli.main(["-p", "hi", "--source", "mid"])
+    with pytest.raises(UserError, match=r"^no base checkpoint: run `python -m base_train` first$"):
+        chat_cli.main(["-p", "hi", "--source", "base"])
+    with pytest.raises(UserError, match="--top-p"):
+        chat_cli.main(["-p", "hi", "--top-p", "0"])
+
+
+def test_missing_checkpoint_is_one_line_from_the_shell(base_dir):
+    env = dict(os.environ, SPEEDCHAT_BASE_DIR=str(base_dir))
+    proc = subprocess.run([sys.executable, "-m", "chat_cli", "-p", "hi"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: no sft checkpoint: run `python -m chat_sft` first (or --source mid/base)"
+
+
+def test_one_shot_prompt(base_dir, capsys):
+    save_tiny_checkpoint(base_dir, stage="sft")
+    capsys.readouterr()
+    chat_cli.main(["-p", "Hello! How are you?", "--max-tokens", "12", "--temperature", "0", "--device", "cpu"])
+    first = capsys.readouterr().out
+    assert first.strip()  # a random model says something
+    chat_cli.main(["-p", "Hello! How are you?", "--max-tokens", "12", "--temperature", "0", "--device", "cpu"])
+    assert capsys.readouterr().out == first  # greedy is deterministic
+
+
+def test_interactive_history_clear_exit(base_dir, capsys, monkeypatch):
+    save_tiny_checkpoint(base_dir, stage="mid")
+    lines = iter(["Hello!", "What is the capital of France?", "/clear", "  ", "How many r?", "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    seen = []
+    real_prompt = chat_cli.chat_prompt
+
+    def spy(tokenizer, messages):
+        seen.append([m["role"] for m in messages])
+        return real_prompt(tokenizer, messages)
+
+    monkeypatch.setattr(chat_cli, "chat_prompt", spy)
+    chat_cli.main(["--source", "mid", "--max-tokens", "8", "--device", "cpu"])
+    out = capsys.readouterr().out
+    # the second question sees the first exchange; /clear starts over; blank lines are skipped
+    assert seen == [["user"], ["user", "assistant", "user"], ["user"]]
+    assert out.count("Assistant: ") == 3
+    assert "(new conversation)" in out
+    assert next(lines) == "never read"
+
+
+def test_eof_ends_the_chat(base_dir, capsys, monkeypatch):
+    save_tiny_checkpoint(base_dir, stage="sft")
+
+    def eof(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", eof)
+    chat_cli.main(["--device", "cpu"])
+    assert "speedchat (sft" in capsys.readouterr().out

@@ -1,0 +1,303 @@
+"""chat_web.py: a real server (uvicorn in a subprocess, a tiny checkpoint in a tmp base dir)
+answered through the official `openai` client, bad requests, concurrency, and the chat page
+in headless Chromium driven by Selenium (skipped when Chromium is not installed)."""
+
+import os
+import sys
+import json
+import time
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from test_engine import save_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_TOKENS_LIMIT = 64
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("webbase")
+    save_tiny_checkpoint(base, stage="sft")
+    port = free_port()
+    env = dict(os.environ, SPEEDCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "chat_web", "--device", "cpu", "--port", str(port), "--max-tokens", "16",
+           "--max-tokens-limit", str(MAX_TOKENS_LIMIT), "--max-messages", "8", "--max-message-chars", "600",
+           "--log-level", "warning"]
+    log = open(base / "server.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if requests.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            log.seek(0)
+            pytest.fail(f"chat_web did not start:\n{log.read()}")
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server + "/v1", api_key="not-needed", max_retries=0, timeout=30)
+
+
+HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello! How are you?"}]
+
+
+def test_openai_client_plain_and_streamed(client):
+    models = client.models.list()
+    model_id = models.data[0].id
+    assert model_id == "speedchat-sft-d2"
+    plain = client.chat.completions.create(model=model_id, messages=HELLO, max_tokens=12, temperature=0)
+    text = plain.choices[0].message.content
+    assert plain.choices[0].message.role == "assistant"
+    assert plain.choices[0].finish_reason in ("stop", "length")
+    assert plain.usage.prompt_tokens > 0 and 0 < plain.usage.completion_tokens <= 12
+    assert text, "the tiny model's greedy reply should not be empty"
+
+    stream = client.chat.completions.create(model="anything", messages=HELLO, max_tokens=12, temperature=0, stream=True)
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2  # it really streamed
+    assert "".join(pieces) == text  # greedy: streamed and plain replies agree
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+
+    # sampling with a seed is reproducible; top_p is accepted
+    a = client.chat.completions.create(model=model_id, messages=HELLO, max_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    b = client.chat.completions.create(model=model_id, messages=HELLO, max_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_openai_client_sees_errors(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=HELLO, temperature=5)
+    assert "temperature" in str(e.value)
+
+
+def post(server, body, raw=None, **headers):
+    data = raw if raw is not None else json.dumps(body)
+    return requests.post(server + "/v1/chat/completions", data=data, timeout=30,
+                         headers={"Content-Type": "application/json", **headers})
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", None, b'{"messages": [', 400),
+    ("not an object", [1, 2], None, 400),
+    ("no messages", {"messages": []}, None, 400),
+    ("too many messages", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}] * 5
+                           + [{"role": "user", "content": "hi"}]}, None, 400),
+    ("message too long", {"messages": [{"role": "user", "content": "x" * 601}]}, None, 400),
+    ("prompt too long", {"messages": [{"role": "user", "content": "How are you? " * 45},
+                                      {"role": "assistant", "content": "What is the capital? " * 28},
+                                      {"role": "user", "content": "Hello! " * 85}]}, None, 400),
+    ("bad role", {"messages": [{"role": "tool", "content": "hi"}]}, None, 400),
+    ("roles out of order", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, None, 400),
+    ("last not user", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, None, 400),
+    ("content not text", {"messages": [{"role": "user", "content": 5}]}, None, 400),
+    ("max_tokens too big", {"messages": HELLO, "max_tokens": MAX_TOKENS_LIMIT + 1}, None, 400),
+    ("max_tokens zero", {"messages": HELLO, "max_tokens": 0}, None, 400),
+    ("max_tokens not int", {"messages": HELLO, "max_tokens": "10"}, None, 400),
+    ("temperature high", {"messages": HELLO, "temperature": 2.5}, None, 400),
+    ("temperature negative", {"messages": HELLO, "temperature": -0.1}, None, 400),
+    ("temperature NaN", None, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400),
+    ("top_p zero", {"messages": HELLO, "top_p": 0}, None, 400),
+    ("n > 1", {"messages": HELLO, "n": 2}, None, 400),
+    ("stream not bool", {"messages": HELLO, "stream": "yes"}, None, 400),
+    ("body too large", None, b'{"messages": "' + b"x" * 2_100_000 + b'"}', 413),
+]
+
+
+@pytest.mark.parametrize("name, body, raw, status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_4xx_and_server_keeps_serving(server, name, body, raw, status):
+    r = post(server, body, raw)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    ok = post(server, {"messages": HELLO, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_other_routes(server):
+    assert requests.get(server + "/health", timeout=5).json()["status"] == "ok"
+    r = requests.get(server + "/no/such/page", timeout=5)
+    assert r.status_code == 404 and "error" in r.json()
+    r = requests.get(server + "/v1/chat/completions", timeout=5)
+    assert r.status_code == 405 and "error" in r.json()
+    page = requests.get(server + "/", timeout=5)
+    assert page.status_code == 200 and "<textarea" in page.text and "/v1/chat/completions" in page.text
+
+
+# ---------------------------------------------------------------------------
+# The worker pool, in-process, with slow fake engines (timing-independent of any model)
+
+
+class SlowEngine:
+    """Stands in for Engine: one token every `delay` seconds, never stops by itself.
+    Counts how many generations run at once, and how many were closed early."""
+
+    stats = {"active": 0, "max_active": 0, "closed": 0}
+    lock = threading.Lock()
+
+    def __init__(self, tokenizer, delay=0.02):
+        self.tokenizer, self.delay = tokenizer, delay
+        self.stop_tokens = {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")}
+        self.token = tokenizer.encode("a")[0]
+
+    def generate(self, ids, num_samples=1, max_tokens=8, **sampling):
+        with self.lock:
+            self.stats["active"] += 1
+            self.stats["max_active"] = max(self.stats["max_active"], self.stats["active"])
+        done = False
+        try:
+            for _ in range(max_tokens):
+                time.sleep(self.delay)
+                yield [self.token] * num_samples, [1] * num_samples
+            done = True
+        finally:
+            with self.lock:
+                self.stats["active"] -= 1
+                self.stats["closed"] += not done
+
+
+@pytest.fixture
+def pool_server():
+    uvicorn = pytest.importorskip("uvicorn")
+    import chat_web
+    from test_engine import make_tokenizer
+
+    tok = make_tokenizer()
+    SlowEngine.stats.update(active=0, max_active=0, closed=0)
+    pool = chat_web.WorkerPool([chat_web.Worker(SlowEngine(tok), "cpu") for _ in range(2)])
+    app = chat_web.create_app(pool, "slow", sequence_len=4096, limits=chat_web.Limits(max_tokens=2000))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_pool_runs_one_request_per_worker_and_queues_the_rest(pool_server):
+    results = []
+    body = {"messages": HELLO, "max_tokens": 25}  # 0.5 s each: 5 requests on 2 workers take 3 rounds
+    threads = [threading.Thread(target=lambda: results.append(post(pool_server, body))) for _ in range(5)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 5
+    while requests.get(pool_server + "/health", timeout=5).json()["free_workers"] != 0:  # answers while busy
+        assert time.time() < deadline, "the workers never got busy"
+        time.sleep(0.02)
+    for t in threads:
+        t.join(timeout=30)
+    assert [r.status_code for r in results] == [200] * 5
+    assert all(r.json()["choices"][0]["message"]["content"] == "a" * 25 for r in results)
+    assert SlowEngine.stats["max_active"] == 2  # both workers busy at once, never more
+
+
+def test_client_hanging_up_stops_generation_and_frees_the_worker(pool_server):
+    body = {"messages": HELLO, "max_tokens": 1500, "stream": True}  # 30 s if nobody stopped it
+    with requests.post(pool_server + "/v1/chat/completions", json=body, stream=True, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = (line for line in r.iter_lines() if line)
+        assert json.loads(next(lines)[6:])["choices"][0]["delta"]["role"] == "assistant"
+        assert json.loads(next(lines)[6:])["choices"][0]["delta"]["content"] == "a"
+    deadline = time.time() + 10
+    while SlowEngine.stats["closed"] != 1 or requests.get(pool_server + "/health", timeout=5).json()["free_workers"] != 2:
+        assert time.time() < deadline, f"the generation was not stopped after the client hung up: {SlowEngine.stats}"
+        time.sleep(0.05)
+    assert SlowEngine.stats["active"] == 0
+
+
+# ---------------------------------------------------------------------------
+# The page, in headless Chromium
+
+
+def find_chromium():
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    driver = shutil.which("chromedriver")
+    return browser, driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (uv sync --group dev)")
+    binary, driver_path = find_chromium()
+    if not binary or not driver_path:
+        pytest.skip("Chromium and chromedriver are not installed (apt-get install -y chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,800"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_page_streams_a_reply_and_edits_history(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(server + "/")
+    browser.find_element(By.ID, "temperature").send_keys("0")
+
+    def idle_with_reply(driver):
+        return (driver.execute_script("return document.body.dataset.busy") == "0"
+                and driver.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+
+    box = browser.find_element(By.ID, "input")
+    box.send_keys("Hello! How are you?")
+    browser.find_element(By.ID, "send").click()
+    wait.until(idle_with_reply)
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    reply = browser.find_element(By.CSS_SELECTOR, ".msg.assistant").text
+    assert reply
+    assert browser.execute_script("return window.chunksReceived") >= 2  # arrived in pieces
+
+    # click the user message, edit it, Enter: the reply is regenerated from there
+    browser.find_element(By.CSS_SELECTOR, ".msg.user").click()
+    area = browser.find_element(By.CSS_SELECTOR, ".msg.user textarea")
+    area.clear()
+    area.send_keys("What is the capital of France?", Keys.ENTER)
+    wait.until(idle_with_reply)
+    users = browser.find_elements(By.CSS_SELECTOR, ".msg.user")
+    assert [u.text for u in users] == ["What is the capital of France?"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1
+
+    browser.find_element(By.ID, "new").click()
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg")

@@ -1,0 +1,318 @@
+"""engine.py: the cached engine against a naive recompute loop, sampling, seeds, the tool,
+the calculator's refusals, and the text helpers. Tiny random models, CPU, a few seconds."""
+
+import time
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn as nn
+
+from engine import Engine, Refused, StreamDecoder, assistant_parts, calculator, chat_prompt, safe_eval, sample_next
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+TEXT = """The quick brown fox jumps over the lazy dog. How many r are in strawberry? There are 3.
+def add(a, b):\n    return a + b\nprint(add(2, 3))\n12 + 30 = 42; 7 * 6 = 42; 100 / 4 = 25.
+Hello! How are you today? I am fine, thank you. What is the capital of France? Paris.
+"""
+
+
+# ---------------------------------------------------------------------------
+# Fixtures shared with test_chat_cli.py and test_chat_web.py
+
+
+def make_tokenizer(vocab_size=400):
+    return Tokenizer.train_from_iterator([TEXT * 20] + TEXT.split("\n"), vocab_size=vocab_size)
+
+
+def make_model(vocab_size, seed=0, sequence_len=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64):
+    """A random GPT with weights large enough that its greedy choices are not all the same token."""
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer,
+                       n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5 if p.dim() == 2 and p.size(0) != model.padded_vocab_size else 1.0)
+    return model.eval()
+
+
+def save_tiny_checkpoint(base_dir, stage="base", tag="d2", vocab_size=400):
+    """A tokenizer and a one-step checkpoint of `stage` under base_dir (written there whatever
+    SPEEDCHAT_BASE_DIR says, which is restored afterwards)."""
+    import checkpoint
+
+    tok = make_tokenizer(vocab_size)
+    tok.save(base_dir / "tokenizer")
+    model = make_model(tok.get_vocab_size())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPEEDCHAT_BASE_DIR", str(base_dir))
+        checkpoint.save_checkpoint(stage, tag, 1, model, None, {"model_config": asdict(model.config)})
+    return tok, model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: thread start-up and spinning cost more than they save (10x+ on a busy box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return make_model(tok.get_vocab_size())
+
+
+# ---------------------------------------------------------------------------
+# Cached engine == naive recompute
+
+
+@torch.no_grad()
+def naive_greedy(model, prompt, max_tokens, stop_tokens):
+    """Recompute the whole sequence every step, take the argmax."""
+    ids = list(prompt)
+    out = []
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([ids]))[0, -1]
+        token = int(torch.argmax(logits))
+        if token in stop_tokens:
+            break
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_greedy_matches_naive_recompute(tok, model, num_samples):
+    engine = Engine(model, tok)
+    prompts = [[tok.get_bos_token_id()], tok.encode("Hello! How are", prepend="<|bos|>"),
+               tok.encode(TEXT[:300], prepend="<|bos|>")]
+    for prompt in prompts:
+        expected = naive_greedy(model, prompt, 24, engine.stop_tokens)
+        assert engine.python_start not in expected, "the random model calls the tool: pick another seed"
+        results, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=24, temperature=0.0)
+        assert len(results) == num_samples
+        for row, mask in zip(results, masks):
+            assert row[: len(prompt)] == prompt
+            assert row[len(prompt):] == expected
+            assert mask == [0] * len(prompt) + [1] * len(expected)
+    assert len(set(map(tuple, (naive_greedy(model, p, 24, set()) for p in prompts)))) > 1
+
+
+class Recorder(nn.Module):
+    """Wraps a model and keeps the last-position logits of every call the engine makes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.calls = model, model.config, []
+
+    def forward(self, idx, kv_cache=None):
+        logits = self.inner(idx, kv_cache=kv_cache)
+        self.calls.append(logits[:, -1].clone())
+        return logits
+
+
+def test_batched_rows_see_their_own_history(tok, model):
+    """Rows that diverge (sampling) must each get the logits of their own full sequence."""
+    recorder = Recorder(model)
+    engine = Engine(recorder, tok)
+    prompt = tok.encode("The quick brown", prepend="<|bos|>")
+    columns = list(engine.generate(prompt, num_samples=4, max_tokens=12, temperature=1.5, seed=3))
+    rows = [prompt + [col[r] for col, _ in columns] for r in range(4)]
+    assert len(set(map(tuple, rows))) > 1, "rows should differ at temperature 1.5"
+    with torch.no_grad():
+        for step, logits in enumerate(recorder.calls):
+            for r in range(4):
+                full = model(torch.tensor([rows[r][: len(prompt) + step]]))[0, -1]
+                # (torch.testing.assert_close would import torch.distributed: seconds, for nothing)
+                assert (logits[min(r, logits.size(0) - 1)] - full).abs().max() < 2e-4, (step, r)
+
+
+def test_seed_reproducible_and_varied(tok, model):
+    engine = Engine(model, tok)
+    prompt = tok.encode("Hello", prepend="<|bos|>")
+    kw = dict(num_samples=4, max_tokens=16, temperature=1.0, top_k=50, top_p=0.95)
+    a, _ = engine.generate_batch(prompt, seed=7, **kw)
+    b, _ = engine.generate_batch(prompt, seed=7, **kw)
+    c, _ = engine.generate_batch(prompt, seed=8, **kw)
+    assert a == b
+    assert a != c
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(tok, model):
+    engine = Engine(model, tok)
+    prompt = tok.encode("What is the", prepend="<|bos|>")
+    greedy, _ = engine.generate_batch(prompt, max_tokens=10, temperature=0.0)
+    top1, _ = engine.generate_batch(prompt, max_tokens=10, temperature=1.0, top_k=1, seed=1)
+    nucleus, _ = engine.generate_batch(prompt, max_tokens=10, temperature=1.0, top_p=1e-6, seed=2)
+    assert greedy == top1 == nucleus
+
+
+def test_sample_next_support():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.05, 0.6, 0.3, 0.05]])).expand(2000, -1)
+    assert set(sample_next(logits, gen, 1.0, top_k=2).tolist()) == {1, 2}
+    assert set(sample_next(logits, gen, 1.0, top_p=0.5).tolist()) == {1}
+    assert set(sample_next(logits, gen, 1.0, top_p=0.8).tolist()) == {1, 2}
+    assert set(sample_next(logits, gen, 1.0).tolist()) == {0, 1, 2, 3}
+    assert sample_next(logits[:3], gen, 0.0).tolist() == [1, 1, 1]
+
+
+# ---------------------------------------------------------------------------
+# Tool use, stops and the token budget, with a model whose choices are scripted
+
+
+class Scripted(nn.Module):
+    """Runs the real model (so the cache advances) but forces, per row, the token at given
+    absolute positions: scripts[row][position] = token. Prefill (batch 1) uses row 0's script."""
+
+    def __init__(self, model, scripts):
+        super().__init__()
+        self.inner, self.config, self.scripts = model, model.config, scripts
+        self.fed = []  # every input the engine gave the model
+
+    def forward(self, idx, kv_cache=None):
+        self.fed.append(idx.clone())
+        next_pos = kv_cache.pos + idx.size(1)
+        logits = self.inner(idx, kv_cache=kv_cache).clone()
+        for row in range(idx.size(0)):
+            token = self.scripts[row].get(next_pos)
+            if token is not None:
+                logits[row, -1] = -1e9
+                logits[row, -1, token] = 10.0
+        return logits
+
+
+def script(start, tokens):
+    return {start + i: t for i, t in enumerate(tokens)}
+
+
+def test_tool_use_forces_output(tok, model):
+    special = tok.encode_special
+    prompt = tok.encode("How many r in strawberry?", prepend="<|bos|>") + [special("<|assistant_start|>")]
+    P = len(prompt)
+    py = lambda expr: [special("<|python_start|>"), *tok.encode(expr), special("<|python_end|>")]
+    calls = [py("12+30"), py("__import__('os').system('ls')"), py("'strawberry'.count('r')")]
+    # after each call (and any forced output) the row says "ok" and ends
+    forced = [[special("<|output_start|>"), *tok.encode("42"), special("<|output_end|>")], [],
+              [special("<|output_start|>"), *tok.encode("3"), special("<|output_end|>")]]
+    tail = tok.encode(" ok") + [special("<|assistant_end|>")]
+    scripts = [script(P, c) | script(P + len(c) + len(f), tail) for c, f in zip(calls, forced)]
+    scripted = Scripted(model, scripts)
+    engine = Engine(scripted, tok)
+    results, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=60, temperature=0.0)
+    for r, (row, mask, call, out) in enumerate(zip(results, masks, calls, forced)):
+        generated = row[P:]
+        assert generated == call + out + tail[:-1]
+        assert mask[P:] == [1] * len(call) + [0] * len(out) + [1] * (len(tail) - 1)
+        # the model was fed the forced tokens, not what it sampled at those steps
+        fed = scripted.fed[0][0].tolist() + [int(ids[r, 0]) for ids in scripted.fed[1:]]
+        assert fed[: len(row)] == row
+    # the same through the streaming API at temperature 1: forced tokens are never sampled
+    columns = list(engine.generate(prompt, num_samples=3, max_tokens=60, temperature=1.0, seed=5))
+    col_masks = [m for _, m in columns]
+    assert sum(1 for m in col_masks if m[0] == 0) == len(forced[0])
+    assert all(m[1] == 1 for m in col_masks)
+
+
+def test_stops_and_budget(tok, model):
+    bos, end = tok.get_bos_token_id(), tok.encode_special("<|assistant_end|>")
+    prompt = tok.encode("Hi", prepend="<|bos|>")
+    P = len(prompt)
+    words = tok.encode(" hello there")
+    scripts = [script(P, words + [end]), script(P, words[:1] + [bos])]
+    engine = Engine(Scripted(model, scripts), tok)
+    results, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=50, temperature=0.0)
+    assert results[0][P:] == words
+    assert results[1][P:] == words[:1]
+    # the stream ends as soon as every row has stopped
+    assert len(list(engine.generate(prompt, num_samples=2, max_tokens=50, temperature=0.0))) == len(words) + 1
+    # and never runs past max_tokens
+    free = Engine(model, tok)
+    assert len(list(free.generate(prompt, num_samples=2, max_tokens=7, temperature=0.0))) <= 7
+    columns = list(Engine(Scripted(model, [script(P, words * 10)] * 2), tok).generate(prompt, 2, max_tokens=7))
+    assert len(columns) == 7 and all(len(c) == 2 for c, _ in columns)
+    assert list(free.generate(prompt, max_tokens=0)) == []
+
+
+def test_cache_longer_than_sequence_len(tok):
+    """Generating past the model's sequence_len keeps working (the cache and rotary grow)."""
+    small = make_model(tok.get_vocab_size(), sequence_len=16)
+    prompt = tok.encode(TEXT[:60], prepend="<|bos|>")[:12]
+    engine = Engine(small, tok)
+    stop = engine.stop_tokens
+    expected = naive_greedy(small, prompt, 30, stop)
+    results, _ = engine.generate_batch(prompt, max_tokens=30, temperature=0.0)
+    assert results[0][len(prompt):] == expected
+
+
+# ---------------------------------------------------------------------------
+# The calculator
+
+
+@pytest.mark.parametrize("expr, expected", [
+    ("12+30", "42"), ("2 + 3 * 4", "14"), ("(1 + 2) ** 3", "27"), ("-5 // 2", "-3"), ("7 / 2", "3.5"),
+    ("6 / 3", "2"), ("17 % 5", "2"), ("-(2 - 10)", "8"), ("2 ** -1", "0.5"), ("2 ** 100", str(2 ** 100)),
+    ("1.5 * 4", "6"), ("'strawberry'.count('r')", "3"), ("len('hello')", "5"), ("'Hi'.upper()", "HI"),
+    ("'Hi'.lower()", "hi"), ("'  x  '.strip()", "x"), ("'a-b'.replace('-', '+')", "a+b"),
+    ("'a b c'.split()", "['a', 'b', 'c']"), ("len('a,b,c'.split(','))", "3"), ("'abc'.startswith('ab')", "True"),
+    ("'abc'.endswith('x')", "False"), ("'abc'.find('c')", "2"), ("'ab' * 3", "ababab"), ("'a' + 'b'", "ab"),
+])
+def test_calculator_allows(expr, expected):
+    assert calculator(expr) == expected
+
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os')", "__import__('os').system('ls')", "().__class__", "''.__class__.__mro__",
+    "'a'.__class__", "(1).__class__.__bases__", "open('/etc/passwd')", "exec('1')", "eval('1')",
+    "x", "len", "[1, 2]", "{1: 2}", "lambda: 1", "1 if 1 else 2", "f'{1}'", "'%s' % 5", "1 < 2",
+    "2 ** 100000", "9 ** 9 ** 9", "10 ** 10 ** 10", "(10 ** 1000) * (10 ** 1000) * (10 ** 1000) * (10 ** 1000) * (10 ** 1000)",
+    "'a' * 10 ** 9", "'ab' * 100000", "'abc'.replace('', 'x' * 5000)", "1 / 0", "5 % 0", "2.0 ** 5000",
+    "'abc'.format()", "'abc'.join('x')", "'abc'.count", "len('a', 'b')", "'a'.count(x='a')", "b'bytes'",
+    "True + 1", "'a'.count(1.5)", "(-8) ** 0.5", "1; 2", "import os", "1" * 500, "(" * 200 + "1" + ")" * 200,
+    "-'a'", "'a' - 'b'", "print(1)", "globals()", "len(1)", "'abc'.split('')", "'abc'.startswith(1)",
+])
+def test_calculator_refuses(expr):
+    t0 = time.perf_counter()
+    with pytest.raises(Refused):
+        safe_eval(expr)
+    assert calculator(expr) is None
+    assert time.perf_counter() - t0 < 0.5
+
+
+# ---------------------------------------------------------------------------
+# Text helpers
+
+
+def test_stream_decoder_holds_split_characters():
+    byte_tok = Tokenizer({bytes([i]): i for i in range(256)})
+    decoder = StreamDecoder(byte_tok)
+    pieces = [decoder.add(t) for t in byte_tok.encode("aé€!")]
+    assert pieces == ["a", "", "é", "", "", "€", "!"]
+    assert decoder.text() == "aé€!"
+    assert decoder.add(0xE2) == "" and decoder.flush() == "\ufffd"
+
+
+def test_assistant_parts_round_trip(tok):
+    special = tok.encode_special
+    reply = (tok.encode("Let me count. ") + [special("<|python_start|>")] + tok.encode("'strawberry'.count('r')")
+             + [special("<|python_end|>"), special("<|output_start|>")] + tok.encode("3")
+             + [special("<|output_end|>")] + tok.encode(" There are 3."))
+    text = tok.decode(reply)
+    parts = assistant_parts(text)
+    assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+    assert assistant_parts("plain words") == "plain words"
+    messages = [{"role": "user", "content": "How many r?"}, {"role": "assistant", "content": text},
+                {"role": "user", "content": "thanks"}]
+    ids = chat_prompt(tok, messages)
+    assert reply + [special("<|assistant_end|>")] == ids[ids.index(special("<|assistant_start|>")) + 1:][: len(reply) + 1]
+    assert ids[-1] == special("<|assistant_start|>")
