@@ -165,7 +165,11 @@ def summary_table() -> str:
     rows = ["| metric | BASE | MID | SFT |", "|---|---|---|---|"]
     core = {"acc": base.get("core"), "se": base.get("core_se")} if "core" in base else None
     rows.append(f"| CORE | {_fmt(core)} | - | - |")
-    for metric in CHAT_METRICS:
+    val_bpb = base.get("bpb", {}).get("val")
+    if val_bpb is not None:
+        rows.append(f"| val bpb | {val_bpb:.4f} | - | - |")
+    extra = sorted({m for d in stages.values() for m in d.get("results", {})} - set(CHAT_METRICS))
+    for metric in CHAT_METRICS + extra:
         cells = [_fmt(stages[s].get("results", {}).get(metric)) for s in ("base", "mid", "sft")]
         rows.append(f"| {metric} | " + " | ".join(cells) + " |")
     cells = []

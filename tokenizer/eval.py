@@ -157,6 +157,9 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="*", default=None,
                    help="parquet/.txt files or folders; the last file is the validation text "
                         "(default: the stdlib-docs source's validation split, when available)")
+    p.add_argument("--source", default="",
+                   help="dataset source whose validation split is measured when no --data is given "
+                        "(fineweb-edu | stdlib-docs | dir:PATH; default stdlib-docs)")
     p.add_argument("--doc-cap", type=int, default=10000, help="characters per document read from --data")
     p.add_argument("--max-val-chars", type=float, default=5e6, help="evaluate on at most this many validation characters")
     p.add_argument("--gpt2-dir", default=str(DEFAULT_GPT2_DIR) if DEFAULT_GPT2_DIR.exists() else None,
@@ -236,7 +239,9 @@ def validation_texts(args) -> tuple[list[str] | None, str]:
         try:
             import dataset
 
-            docs, where = dataset.iter_documents("stdlib-docs", "val"), "stdlib-docs (val)"
+            source = args.source or "stdlib-docs"
+            dataset.ensure_source(source)
+            docs, where = dataset.iter_documents(source, "val"), f"{source} (val)"
         except ImportError:
             return None, "no --data given and no dataset module"
         except UserError as e:

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# speedrun: train a small ChatGPT end to end and write report.md.
+#
+#   bash speedrun.sh                 # 8xH100 (any number of CUDA GPUs): d20, a few hours
+#   bash speedrun.sh                 # no CUDA GPU: the tiny offline CPU preset, a few minutes
+#   SPEEDCHAT_PRESET=cpu bash speedrun.sh    # force the CPU preset
+#
+# Re-running after an interruption resumes: finished stages are skipped (a marker per stage
+# under $SPEEDCHAT_BASE_DIR/speedrun/) and an interrupted training resumes from its last
+# checkpoint. `rm -rf $SPEEDCHAT_BASE_DIR/speedrun` to run every stage again.
+set -euo pipefail
+CALLER_DIR=$PWD  # report.md is copied here at the end
+cd "$(dirname "$0")"
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export SPEEDCHAT_BASE_DIR="${SPEEDCHAT_BASE_DIR:-$HOME/.cache/speedchat}"
+mkdir -p "$SPEEDCHAT_BASE_DIR"
+
+# --- environment: Rust (installed when missing and the network allows), uv, .venv, rustbpe
+if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ] && command -v curl >/dev/null 2>&1; then
+    echo "Rust is missing: installing it with rustup"
+    curl --proto '=https' --tlsv1.2 -sSf --max-time 120 https://sh.rustup.rs | sh -s -- -y --profile minimal >/dev/null \
+        || { echo "error: could not install Rust: install it from https://rustup.rs and re-run" >&2; exit 1; }
+fi
+source ./setup_env.sh
+PY="uv run --no-sync python"
+
+NGPU=$($PY -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+PRESET=${SPEEDCHAT_PRESET:-$([ "$NGPU" -gt 0 ] && echo gpu || echo cpu)}
+DONE="$SPEEDCHAT_BASE_DIR/speedrun"
+mkdir -p "$DONE"
+echo "speedrun: preset $PRESET, $NGPU GPU(s), artifacts in $SPEEDCHAT_BASE_DIR"
+
+# stage NAME CMD...: run CMD unless NAME finished in an earlier run
+stage() {
+    local name=$1; shift
+    if [ -f "$DONE/$name" ]; then echo "== $name: done in an earlier run, skipped"; return 0; fi
+    echo "== $name"
+    local t0=$SECONDS
+    "$@"
+    touch "$DONE/$name"
+    echo "== $name: $((SECONDS - t0))s"
+}
+# resume_flag STAGE: --resume when that training stage already saved a checkpoint
+resume_flag() {
+    if compgen -G "$SPEEDCHAT_BASE_DIR/checkpoints/$1/*/meta_*.json" >/dev/null; then echo --resume; fi
+}
+if [ "$PRESET" = gpu ]; then
+    RUN="uv run --no-sync torchrun --standalone --nproc_per_node=$NGPU"
+else
+    RUN="uv run --no-sync torchrun --standalone --nproc_per_node=1"
+fi
+
+stage report-reset $PY -m report reset
+
+if [ "$PRESET" = gpu ]; then
+    # d20 (~560M parameters) trained on ~11B tokens (20 tokens per parameter): 240 shards of FineWeb-edu.
+    stage data-first $PY -m dataset --source fineweb-edu -n 8
+    $PY -m dataset --source fineweb-edu -n 240 > "$SPEEDCHAT_BASE_DIR/download.log" 2>&1 &
+    DOWNLOAD_PID=$!
+    stage tokenizer-train $PY -m tokenizer.train --source fineweb-edu --vocab-size 65536 --max-chars 2000000000
+    stage tokenizer-eval $PY -m tokenizer.eval --source fineweb-edu
+    echo "waiting for the shard download (log: $SPEEDCHAT_BASE_DIR/download.log)"
+    wait $DOWNLOAD_PID || { echo "error: the shard download failed: see $SPEEDCHAT_BASE_DIR/download.log" >&2; exit 1; }
+    stage base-train $RUN -m base_train -- --depth 20 $(resume_flag base)
+    stage base-eval $RUN -m base_eval
+    stage mid-train $RUN -m mid_train -- --preset full $(resume_flag mid)
+    stage chat-eval-mid $RUN -m chat_eval -- --source mid
+    stage chat-sft $RUN -m chat_sft -- --preset full $(resume_flag sft)
+    stage chat-eval-sft $RUN -m chat_eval -- --source sft
+else
+    # The offline CPU preset: the stdlib-docs corpus, a tiny model, self-generated chat tasks.
+    TINY="--depth 2 --aspect-ratio 64 --head-dim 32 --max-seq-len 128 --device-batch-size 8 --total-batch-size -1"
+    stage data $PY -m dataset --source stdlib-docs
+    stage tokenizer-train $PY -m tokenizer.train --source stdlib-docs --vocab-size 2048 --max-chars 20000000
+    stage tokenizer-eval $PY -m tokenizer.eval --source stdlib-docs
+    stage base-train $RUN -m base_train -- $TINY --source stdlib-docs --num-iterations 300 \
+        --eval-every 100 --eval-tokens 32768 --sample-every 150 --save-every 100 $(resume_flag base)
+    stage base-eval $RUN -m base_eval -- --eval bpb,sample --split-tokens 32768
+    stage mid-train $RUN -m mid_train -- --preset offline --max-seq-len 128 --device-batch-size 8 --num-iterations 150 $(resume_flag mid)
+    stage chat-eval-mid $RUN -m chat_eval -- --source mid --max-problems 50
+    stage chat-sft $RUN -m chat_sft -- --preset offline --device-batch-size 8 --num-iterations 100 $(resume_flag sft)
+    stage chat-eval-sft $RUN -m chat_eval -- --source sft --max-problems 50
+fi
+
+$PY -m report generate --out-dir "$CALLER_DIR"
+echo "done: read $CALLER_DIR/report.md, then chat with: uv run python -m chat_cli   (or: uv run python -m chat_web)"
