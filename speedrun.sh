@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # speedrun: train a small ChatGPT end to end and write report.md.
 #
-#   bash speedrun.sh                 # 8xH100 (any number of CUDA GPUs): d20, a few hours
+#   bash speedrun.sh                 # 8xH100 (or any number of CUDA GPUs): d20, a few hours
 #   bash speedrun.sh                 # no CUDA GPU: the tiny offline CPU preset, a few minutes
 #   SPEEDCHAT_PRESET=cpu bash speedrun.sh    # force the CPU preset
 #
 # Re-running after an interruption resumes: finished stages are skipped (a marker per stage
 # under $SPEEDCHAT_BASE_DIR/speedrun/) and an interrupted training resumes from its last
-# checkpoint. `rm -rf $SPEEDCHAT_BASE_DIR/speedrun` to run every stage again.
+# checkpoint. To start over from scratch, remove the markers and the checkpoints:
+#   rm -rf $SPEEDCHAT_BASE_DIR/speedrun $SPEEDCHAT_BASE_DIR/checkpoints
 set -euo pipefail
 CALLER_DIR=$PWD  # report.md is copied here at the end
 cd "$(dirname "$0")"
@@ -26,6 +27,14 @@ source ./setup_env.sh
 PY="uv run --no-sync python"
 
 NGPU=$($PY -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+if [ "$NGPU" = 0 ] && [ -z "${SPEEDCHAT_PRESET:-}" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+    DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+    CUDA=$($PY -c 'import torch; print(torch.version.cuda)')
+    echo "error: nvidia-smi sees GPUs but torch (built for CUDA $CUDA) cannot use them: driver $DRIVER is probably too old." \
+         "Update the driver, or install a torch build for your CUDA (e.g. uv pip install torch --index-url https://download.pytorch.org/whl/cu128)." \
+         "SPEEDCHAT_PRESET=cpu runs the CPU preset anyway." >&2
+    exit 1
+fi
 PRESET=${SPEEDCHAT_PRESET:-$([ "$NGPU" -gt 0 ] && echo gpu || echo cpu)}
 DONE="$SPEEDCHAT_BASE_DIR/speedrun"
 mkdir -p "$DONE"
@@ -62,11 +71,15 @@ if [ "$PRESET" = gpu ]; then
     stage tokenizer-eval $PY -m tokenizer.eval --source fineweb-edu
     echo "waiting for the shard download (log: $SPEEDCHAT_BASE_DIR/download.log)"
     wait $DOWNLOAD_PID || { echo "error: the shard download failed: see $SPEEDCHAT_BASE_DIR/download.log" >&2; exit 1; }
-    stage base-train $RUN -m base_train -- --depth 20 $(resume_flag base)
+    # The batch sizes of nanochat's d20 recipe, rounded up so that any number of GPUs divides them.
+    round_up() { echo $(( ($1 + $2 - 1) / $2 * $2 )); }
+    TOKENS_PER_STEP=$(round_up 524288 $((32 * 2048 * NGPU)))   # 32 rows of 2048 tokens per GPU
+    SFT_EXAMPLES=$(round_up 32 $((4 * NGPU)))                  # 4 conversations per GPU
+    stage base-train $RUN -m base_train -- --depth 20 --total-batch-size $TOKENS_PER_STEP $(resume_flag base)
     stage base-eval $RUN -m base_eval
-    stage mid-train $RUN -m mid_train -- --preset full $(resume_flag mid)
+    stage mid-train $RUN -m mid_train -- --preset full --total-batch-size $TOKENS_PER_STEP $(resume_flag mid)
     stage chat-eval-mid $RUN -m chat_eval -- --source mid
-    stage chat-sft $RUN -m chat_sft -- --preset full $(resume_flag sft)
+    stage chat-sft $RUN -m chat_sft -- --preset full --examples-per-step $SFT_EXAMPLES $(resume_flag sft)
     stage chat-eval-sft $RUN -m chat_eval -- --source sft
 else
     # The offline CPU preset: the stdlib-docs corpus, a tiny model, self-generated chat tasks.
