@@ -21,13 +21,16 @@ assistant's tokens only, averaged over every supervised token of the optimizer s
 The learning rate is --init-lr-frac times base_train's rates, constant, then decays linearly to
 --final-lr-frac over the last --warmdown-ratio of training. Training runs for --num-epochs over
 the mixture, or exactly --num-iterations steps. Checkpoints go to
-$SPEEDCHAT_BASE_DIR/checkpoints/mid/<tag>/; --resume continues where the last one left off.
+$SPEEDCHAT_BASE_DIR/checkpoints/mid/<tag>/; --resume continues where the last one left off
+(and refuses when the base checkpoint it was started from has been retrained since).
 
 This file also holds what chat_sft.py shares with it: the task presets and data-path flags,
 the conversation batching, and the training loop (train_chat).
 """
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import time
@@ -352,6 +355,16 @@ def step_optimizers(model, optimizers, lrm, momentum=None):
     model.zero_grad(set_to_none=True)
 
 
+def global_step_loss(loss_sum, n_global, ddp):
+    """The step's mean loss per supervised token over all ranks, from this rank's loss sum: the
+    same number on every rank, so a NaN or inf on any one of them is seen by all and they stop
+    together (a rank that raised alone would leave the others blocked in the next collective)."""
+    total = loss_sum.detach().float().clone()
+    if ddp:
+        dist.all_reduce(total)  # tiny, and no host sync on CUDA
+    return total / max(n_global, 1)
+
+
 def sync_counts(values, device, ddp):
     """Sum small integer counts over ranks (one collective per step); a list of ints back."""
     if not ddp:
@@ -368,7 +381,7 @@ def sync_counts(values, device, ddp):
 def load_start(args, stage, device, rank, world_size):
     """(model, tokenizer, meta, tag, optim_states). A fresh run loads the --source checkpoint
     (optim_states None); a --resume loads this stage's own latest (or --resume-step) checkpoint
-    with this rank's optimizer state."""
+    with this rank's optimizer state, after checking that its source was not retrained since."""
     from tokenizer import get_tokenizer
 
     if args.resume:
@@ -383,6 +396,7 @@ def load_start(args, stage, device, rank, world_size):
         if meta.get("world_size", 1) != world_size:
             raise UserError(f"--resume: the checkpoint was written by {meta.get('world_size')} processes, this run "
                             f"has {world_size}: resume with the same number")
+        check_same_source(args, stage, checkpoint.checkpoint_dir(stage, tag), meta["source_checkpoint"])
         model = checkpoint.build_model(meta, device, model_state)
         model.train()
         return model, get_tokenizer(), meta, tag, optim_states
@@ -393,6 +407,49 @@ def load_start(args, stage, device, rank, world_size):
     model, tokenizer, meta = checkpoint.load_model(args.source, device, tag=tag,
                                                    step=args.step if args.step >= 0 else None, phase="train")
     return model, tokenizer, meta, tag, None
+
+
+def source_identity(stage, meta) -> dict:
+    """What a run records about the checkpoint it starts from: stage, tag, step, and a hash of
+    that checkpoint's meta. Losses and timings in the meta differ between any two training runs,
+    so a retrained source differs even when it has the same tag and step."""
+    body = {k: v for k, v in meta.items() if k not in ("tag", "rank_state")}  # as on disk
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"stage": stage, "tag": meta["tag"], "step": meta["step"], "fingerprint": digest}
+
+
+def describe_source(info) -> str:
+    return f"{info['stage']} {info['tag']} step {info['step']}"
+
+
+def check_same_source(args, stage, ckpt_dir, recorded):
+    """--resume continues a run only while its source is still the checkpoint a fresh run would
+    start from (the latest of --source, or --model-tag / --step): else it would finish a run built
+    on a model that has since been retrained."""
+    old = describe_source(recorded)
+    if recorded["stage"] != args.source:
+        raise UserError(f"--resume: the {stage} checkpoint in {ckpt_dir} was trained from {old}: "
+                        f"resume with --source {recorded['stage']}")
+    try:
+        tag, step = checkpoint.resolve(args.source, args.model_tag or None, args.step if args.step >= 0 else None)
+    except UserError:
+        print0(f"warning: no {args.source} checkpoint to check the resumed run's source against; continuing")
+        return
+    meta_path = checkpoint._meta_path(checkpoint.checkpoint_dir(args.source, tag), step)  # the meta, not the weights
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {meta_path} to check the resumed run's source: {e}")
+    current = source_identity(args.source, dict(meta, tag=tag, step=step))
+    keys = ["tag", "step"] + (["fingerprint"] if "fingerprint" in recorded else [])  # older runs lack it
+    if all(recorded.get(k) == current[k] for k in keys):
+        return
+    new = f"{tag} step {step}"
+    if old == describe_source(current):
+        new = f"a different {new} (retrained since)"
+    hint = f" (or pass --model-tag {recorded['tag']} to continue it)" if recorded["tag"] != tag else ""
+    raise UserError(f"the {stage} checkpoint in {ckpt_dir} was trained from {old}, but the latest {args.source} "
+                    f"checkpoint is {new}: drop --resume to start over{hint}")
 
 
 # ---------------------------------------------------------------------------
@@ -445,7 +502,8 @@ def train_chat(args, spec, ddp, rank, world_size, device):
     val_bpb, min_val_bpb = None, float("inf")
     curve = {"step": [], "loss": [], "val_step": [], "val_bpb": []}
     stale_checkpoints = False
-    source_info = {"stage": args.source, "tag": tag, "step": start_meta.get("step")}
+    # the checkpoint this run started from (a resumed run checked in load_start that it is unchanged)
+    source_info = source_identity(args.source, start_meta) if optim_states is None else start_meta["source_checkpoint"]
     if optim_states is not None:  # --resume
         for opt, state in zip(optimizers, optim_states, strict=True):
             opt.load_state_dict(state)  # also restores each group's initial_lr
@@ -462,7 +520,7 @@ def train_chat(args, spec, ddp, rank, world_size, device):
         smooth_loss = torch.tensor(loop["smooth_loss"], dtype=torch.float32, device=device)
         taken_global, supervised_global = loop["taken_global"], loop["supervised_global"]
         min_val_bpb, curve, val_bpb = loop["min_val_bpb"], loop["curve"], start_meta.get("val_bpb")
-        seconds_before, source_info = loop.get("seconds", 0.0), start_meta.get("source_checkpoint", source_info)
+        seconds_before = loop.get("seconds", 0.0)
         print0(f"resumed from {ckpt_dir} at step {step}")
     elif checkpoint.find_last_step(ckpt_dir) is not None:
         stale_checkpoints = True
@@ -547,7 +605,8 @@ def train_chat(args, spec, ddp, rank, world_size, device):
         micro = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro]
         loss_sum = forward_backward(model, micro, world_size / max(n_global, 1), autocast)
         step_optimizers(model, optimizers, lrm, momentum)
-        smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * (loss_sum / max(n_local, 1))  # this rank's mean
+        step_loss = global_step_loss(loss_sum, n_global, ddp)  # the same on every rank
+        smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * step_loss
         step += 1
         taken_global += taken_step
         supervised_global += n_global
@@ -556,7 +615,7 @@ def train_chat(args, spec, ddp, rank, world_size, device):
         # --- log
         if step % args.log_every == 0 or progress >= 1.0:
             debiased = smooth_loss.item() / (1 - ema_beta ** step)
-            if not math.isfinite(debiased):
+            if not math.isfinite(debiased):  # every rank sees the same value and stops here together
                 raise UserError(f"the loss became {debiased} at step {step}: lower the learning rates "
                                 f"(--init-lr-frac) or resume from an earlier checkpoint")
             sync()

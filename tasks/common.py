@@ -269,6 +269,17 @@ class ParquetRows:
     def __getitem__(self, i):
         return self.table.slice(i, 1).to_pylist()[0]
 
+    def iter_rows(self, batch_rows=4096):
+        """Every row in order, converted a batch at a time (memory stays small)."""
+        for batch in self.table.to_batches(max_chunksize=batch_rows):
+            yield from batch.to_pylist()
+
+    def keep(self, mask):
+        """Keep only the rows where `mask` (one bool per row) is true."""
+        import pyarrow as pa
+
+        self.table = self.table.filter(pa.array(mask, type=pa.bool_()))
+
 
 def load_rows(repo, config, split, path, what, path_flag, local_format):
     """Rows of a dataset split: from `path` when given, else downloaded once from the Hub."""

@@ -13,16 +13,38 @@ from tasks.common import MultipleChoiceTask, load_rows, mc_conversation
 # Hendrycks' folder names for the Hub's split names
 LOCAL_SPLITS = {"test": "test", "validation": "val", "dev": "dev", "train": "auxiliary_train",
                 "auxiliary_train": "auxiliary_train"}
+SPLIT_FOLDERS = ("test", "val", "dev", "auxiliary_train")
+
+
+def hendrycks_files(path: Path, split: str) -> list[Path]:
+    """The CSVs of one split: the file itself, the folder's `split` subfolder (test/, val/, dev/,
+    auxiliary_train/) when it has split subfolders, else the folder's CSVs. Never the CSVs of
+    another split: training on dev/ or val/ while evaluating on them would leak the benchmark."""
+    folder = LOCAL_SPLITS.get(split, split)
+    if path.is_dir():
+        present = [name for name in SPLIT_FOLDERS if (path / name).is_dir()]
+        if present:
+            if folder not in present:
+                raise UserError(f"{path} has no {folder}/ folder: it holds {', '.join(p + '/' for p in present)}; "
+                                f"pass an MMLU copy with {folder}/ (the {split} split), or a folder of its CSVs")
+            path = path / folder
+        files = sorted(path.rglob("*.csv"))
+        if not files:
+            raise UserError(f"{path} has no .csv files (MMLU {split}: Hendrycks CSVs question,A,B,C,D,answer)")
+    else:
+        files = [path]
+    for f in files:  # a CSV inside another split's folder (e.g. mmlu/dev/x_dev.csv asked for as test)
+        if f.parent.name in SPLIT_FOLDERS and f.parent.name != folder:
+            raise UserError(f"{f} is in a {f.parent.name}/ folder, not {folder}/: pass the MMLU {split} "
+                            f"split's CSVs (the {folder}/ folder)")
+    return files
 
 
 def read_hendrycks(path: Path, split: str):
-    """Rows from the original CSVs (question, A, B, C, D, answer letter; no header): one CSV,
-    or a folder of them (its `split` subfolder, e.g. test/ or val/, when it has one)."""
-    if path.is_dir() and (path / LOCAL_SPLITS.get(split, split)).is_dir():
-        path = path / LOCAL_SPLITS.get(split, split)
-    files = sorted(path.rglob("*.csv")) if path.is_dir() else [path]
+    """Rows of one split from the original CSVs (question, A, B, C, D, answer letter; no header):
+    one CSV, or a folder of them (see hendrycks_files)."""
     rows = []
-    for f in files:
+    for f in hendrycks_files(path, split):
         subject = f.stem
         for suffix in ("_test", "_val", "_dev", "_auxiliary_train"):
             subject = subject.removesuffix(suffix)
@@ -44,8 +66,9 @@ def _is_hendrycks(path: Path):
 class MMLU(MultipleChoiceTask):
     """MMLU(subset="all", split="test"|"validation"|"dev") or MMLU("auxiliary_train", "train").
     Offline: path is a Hendrycks CSV or folder of CSVs (e.g. ../shared/data/mmlu/val, or
-    data/ with test/ val/ dev/ auxiliary_train/ inside), or the Hub parquet. Rows are shuffled
-    once with a fixed seed, because the files are sorted by subject and evals often take a prefix."""
+    data/ with test/ val/ dev/ auxiliary_train/ inside: only the asked split's folder is read,
+    and it must be there), or the Hub parquet. Rows are shuffled once with a fixed seed,
+    because the files are sorted by subject and evals often take a prefix."""
 
     letters = ("A", "B", "C", "D")
     path_flag = "--mmlu-path"

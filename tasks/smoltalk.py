@@ -4,6 +4,7 @@ Offline it reads a local file of conversations in any of the common shapes: rows
 (e.g. ../shared/data/chat/dummy_conversation.json), or Self-Instruct rows with
 "instruction" and "instances" [{"input", "output"}]."""
 
+from common import UserError, print0
 from tasks.common import ParquetRows, Task, load_rows
 
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant",
@@ -11,17 +12,27 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 
 
 def row_messages(row):
-    """A row in one of the supported shapes -> raw [{"role", "content"}]."""
+    """A row in one of the supported shapes -> raw [{"role", "content"}], or None when the row
+    has none of them. Missing fields and odd types give None or empty turns, never an exception:
+    one bad row among many is dropped, not fatal."""
+    if not isinstance(row, dict):
+        return None
     if "messages" in row:
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        return [{"role": m.get("role"), "content": m.get("content")} for m in _dicts(row["messages"])]
     if "conversations" in row:
-        return [{"role": ROLES.get(str(t.get("from", "")).lower(), "?"), "content": t.get("value", "")}
-                for t in row["conversations"]]
-    if "instruction" in row and row.get("instances"):
-        instance = row["instances"][0]
-        prompt = row["instruction"] + (f"\n\n{instance['input']}" if instance.get("input") else "")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": instance["output"]}]
-    raise ValueError(f"unrecognized chat row with keys {sorted(row)}")
+        return [{"role": ROLES.get(str(t.get("from", "")).lower(), "?"), "content": t.get("value")}
+                for t in _dicts(row["conversations"])]
+    instances = _dicts(row.get("instances"))
+    if "instruction" in row and instances:
+        prompt, extra = row["instruction"], instances[0].get("input")
+        if isinstance(prompt, str) and isinstance(extra, str) and extra:
+            prompt += f"\n\n{extra}"
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": instances[0].get("output")}]
+    return None
+
+
+def _dicts(value):
+    return [x for x in value if isinstance(x, dict)] if isinstance(value, list) else []
 
 
 def tidy(messages):
@@ -44,9 +55,19 @@ def tidy(messages):
     return system + out if out else None
 
 
+FORMATS = 'a .json/.jsonl/.parquet of chats ({"messages"}, ShareGPT or Self-Instruct rows)'
+
+
+def conversation_of(row):
+    """The trainable conversation of a row (see tidy), or None for a row to drop."""
+    messages = row_messages(row)
+    return tidy(messages) if messages is not None else None
+
+
 class SmolTalk(Task):
     """SmolTalk(split="train"|"test", path=None). Offline: path is a .json/.jsonl/.parquet of
-    conversations (see the module docstring)."""
+    conversations (see the module docstring). Rows with nothing to train on (no assistant reply,
+    empty turns, an unknown shape) are dropped once, when the data loads, and counted."""
 
     path_flag = "--smoltalk-path"
 
@@ -55,10 +76,19 @@ class SmolTalk(Task):
         if split not in ("train", "test"):
             raise ValueError(f"SmolTalk has splits train/test, not {split!r}")
         rows = load_rows("HuggingFaceTB/smol-smoltalk", "default", split, path, "SmolTalk", self.path_flag,
-                         'a .json/.jsonl/.parquet of chats ({"messages"}, ShareGPT or Self-Instruct rows)')
-        if not isinstance(rows, ParquetRows):
-            # small local files: convert once and drop what cannot be trained on
-            rows = [c for c in (tidy(row_messages(r)) for r in rows) if c]
+                         FORMATS)
+        total = len(rows)
+        if isinstance(rows, ParquetRows):
+            # the Hub table (~460k rows) stays in Arrow: only a keep/drop flag per row is kept here
+            rows.keep([conversation_of(row) is not None for row in rows.iter_rows()])
+        else:  # small local files: convert once
+            rows = [c for c in map(conversation_of, rows) if c]
+        if total and not rows:
+            raise UserError(f"SmolTalk {split}: none of the {total:,} rows of {path or 'the download'} is a "
+                            f"usable conversation; expected {FORMATS}")
+        if len(rows) < total:
+            print0(f"SmolTalk {split}: dropped {total - len(rows):,} of {total:,} rows with no usable "
+                   f"user/assistant exchange")
         self.rows = rows
 
     def num_examples(self):
@@ -66,10 +96,6 @@ class SmolTalk(Task):
 
     def get_example(self, index):
         row = self.rows[index]
-        if isinstance(row, dict):  # a Hub row, converted on demand
-            messages = tidy(row_messages(row))
-            if messages is None:
-                raise ValueError(f"SmolTalk row {index} has no user/assistant exchange")
-        else:
-            messages = [dict(m) for m in row]
-        return {"messages": messages}
+        if isinstance(row, dict):  # a Hub row, converted on demand (the loader kept only usable rows)
+            return {"messages": conversation_of(row)}
+        return {"messages": [dict(m) for m in row]}

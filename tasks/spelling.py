@@ -5,11 +5,13 @@ counts a letter in a word, spelling it out and then checking with the calculator
 
 The default word list is tasks/data/words.txt (1,000 common English words, bundled);
 --words-path takes another list, one word per line, plain or zipped (e.g.
-../shared/data/words/words_alpha.zip)."""
+../shared/data/words/words_alpha.zip). About a tenth of the words (by a hash of the word) are
+held out: the test split asks only about them, the train split never does."""
 
 import random
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 from common import UserError
@@ -39,16 +41,37 @@ def load_words(path=None) -> list[str]:
     return words
 
 
+def is_test_word(word: str) -> bool:
+    """About 1 word in 10 is held out for the test split, chosen by a stable hash of the word
+    (not by position or a seed), so a word stays on its side whatever list it comes in."""
+    return zlib.crc32(word.encode()) % 10 == 0
+
+
+def split_words(words: list[str], split: str) -> list[str]:
+    """The words of `split` ("train" or "test"): disjoint, and both non-empty for any list of
+    two or more words (a tiny list may hash all to one side: then one word moves over)."""
+    if len(words) < 2:
+        raise UserError(f"the spelling tasks need at least 2 words (some are held out for testing), got {words}")
+    test = [w for w in words if is_test_word(w)]
+    train = [w for w in words if not is_test_word(w)]
+    if not test:
+        test.append(train.pop(0))
+    elif not train:
+        train.append(test.pop(0))
+    return test if split == "test" else train
+
+
 class _GeneratedTask(Task):
     """Example i is drawn from its own RNG seeded by (seed, split, i): random access, the
-    same on every run, and different between train and test."""
+    same on every run. Train and test draw from disjoint words (split_words), so a test
+    prompt never appeared in training."""
 
     def __init__(self, size=1000, split="train", seed=42, words_path=None, **kwargs):
         super().__init__(**kwargs)
         if split not in ("train", "test"):
             raise ValueError(f"split must be train or test, not {split!r}")
         self.size, self.split, self.seed = size, split, seed
-        self.words = load_words(words_path)
+        self.words = split_words(load_words(words_path), split)
 
     def num_examples(self):
         return self.size

@@ -3,6 +3,7 @@ on CPU from a tiny base checkpoint (offline preset), and chat_eval's scoring wit
 
 import json
 import math
+import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -218,12 +219,19 @@ def test_all_masked_micro_batch_is_finite(prepared):
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def test_full_preset_mixture_from_local_copies(tokenizer):
+def test_full_preset_mixture_from_local_copies(tokenizer, tmp_path):
     if not (SHARED_DATA / "gsm8k" / "train.jsonl").exists():
         pytest.skip(f"the real data is not at {SHARED_DATA}")
+    # the real MMLU copy has only dev/ and val/: mid-training must not train on those
     paths = {"smoltalk_path": str(SHARED_DATA / "chat" / "dummy_conversation.json"),
              "gsm8k_path": str(SHARED_DATA / "gsm8k" / "train.jsonl"),
-             "mmlu_path": str(SHARED_DATA / "mmlu" / "dev")}  # stands in for auxiliary_train here
+             "mmlu_path": str(SHARED_DATA / "mmlu")}
+    with pytest.raises(UserError, match="has no auxiliary_train/ folder"):
+        mid_train.mid_tasks("full", "train", paths)
+    aux = tmp_path / "mmlu" / "auxiliary_train" / "race.csv"
+    aux.parent.mkdir(parents=True)
+    aux.write_text("".join(f"Question {i}?,a,b,c,d,{'ABCD'[i % 4]}\n" for i in range(300)))
+    paths["mmlu_path"] = str(tmp_path / "mmlu")
     tasks = mid_train.mid_tasks("full", "train", paths)
     names = [t.name for t in tasks]
     assert names[:3] == ["SmolTalk", "MMLU", "GSM8K"] and "SpellingBee" in names
@@ -233,6 +241,26 @@ def test_full_preset_mixture_from_local_copies(tokenizer):
     assert (y >= 0).sum() > 0
     # every dataset came from a local file (its training data): validation falls back to generated tasks
     assert [t.name for t in mid_train.mid_tasks("full", "val", paths)] == ["SimpleSpelling", "SpellingBee", "Arithmetic"]
+
+
+def test_global_step_loss_is_the_same_nan_on_every_rank():
+    """Two gloo processes, a NaN loss on rank 1 only: both get NaN, so both stop at the same step."""
+    assert mid_train.global_step_loss(torch.tensor(6.0), 3, ddp=False).item() == 2.0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = (f"import sys, torch, torch.distributed as dist, mid_train\n"
+              f"rank = int(sys.argv[1])\n"
+              f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=rank, world_size=2)\n"
+              f"loss = torch.tensor(float('nan') if rank == 1 else 3.0)\n"
+              f"print(mid_train.global_step_loss(loss, 4, ddp=True).item())\n"
+              f"dist.destroy_process_group()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(rank)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+        assert out.split()[-1] == "nan"
 
 
 # ---------------------------------------------------------------------------
@@ -277,6 +305,51 @@ def test_mid_train_errors_are_one_line(base_dir):
         mid_train.main(MID + ["--num-iterations", "1", "--model-tag", "nope"])
     with pytest.raises(UserError, match="not a multiple"):
         mid_train.main(MID + ["--num-iterations", "1", "--total-batch-size", "300"])
+
+
+def test_non_finite_loss_stops_with_one_line(base_dir, monkeypatch):
+    forward_backward = mid_train.forward_backward
+    monkeypatch.setattr(mid_train, "forward_backward", lambda *a: forward_backward(*a) * float("nan"))
+    with pytest.raises(UserError, match="the loss became nan at step 1"):
+        mid_train.main(MID + ["--num-iterations", "3", "--eval-every", "-1"])
+
+
+def retrain_base(base_dir, step, loss):
+    """Stand-in for a new base run: a checkpoint d2/`step` of a fresh model with its own meta."""
+    from model import GPT, GPTConfig
+
+    base = base_dir / "checkpoints" / "base"
+    config = json.loads(next(base.glob("d2/meta_*.json")).read_text())["model_config"]
+    if base.is_symlink():  # the module's shared base checkpoint: leave it alone, write a new one here
+        base.unlink()
+    model = GPT(GPTConfig(**config))
+    model.init_weights()
+    checkpoint.save_checkpoint("base", "d2", step, model, None, {"model_config": config, "loss": loss})
+
+
+def test_resume_refuses_a_retrained_source(base_dir):
+    flags = MID + ["--num-iterations", "2", "--eval-every", "-1", "--save-every", "1", "--keep-last", "-1"]
+    mid_train.main(flags)
+    _, _, meta = checkpoint.load_checkpoint("mid", "d2", 2, "cpu")
+    assert meta["source_checkpoint"]["stage"] == "base" and meta["source_checkpoint"]["step"] == 0
+    assert len(meta["source_checkpoint"]["fingerprint"]) == 16
+    # the same base: resuming is fine
+    assert mid_train.main(flags + ["--resume", "--resume-step", "1"])["step"] == 2
+    with pytest.raises(UserError, match="was trained from base d2 step 0: resume with --source base"):
+        mid_train.main(flags + ["--resume", "--source", "mid"])
+    # base retrained, same tag and step: refused
+    retrain_base(base_dir, 0, loss=3.25)
+    with pytest.raises(UserError, match=r"the mid checkpoint in .*mid/d2 was trained from base d2 step 0, but the "
+                                        r"latest base checkpoint is a different d2 step 0 \(retrained since\): "
+                                        r"drop --resume to start over"):
+        mid_train.main(flags + ["--resume"])
+    # base retrained to a later step: refused, naming it; a fresh start is fine
+    retrain_base(base_dir, 5, loss=3.0)
+    with pytest.raises(UserError, match="latest base checkpoint is d2 step 5: drop --resume"):
+        mid_train.main(flags + ["--resume"])
+    assert mid_train.main(flags)["step"] == 2
+    _, _, meta = checkpoint.load_checkpoint("mid", "d2", 2, "cpu")
+    assert meta["source_checkpoint"]["step"] == 5
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import os
 import re
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tasks.humaneval import HumanEval, build_program, extract_code
 from tasks.identity import Identity
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk, tidy
-from tasks.spelling import SimpleSpelling, SpellingBee, load_words
+from tasks.spelling import SimpleSpelling, SpellingBee, load_words, split_words
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -305,6 +306,32 @@ def test_mmlu_known_row():
     assert assistant["content"] == "B" and task[0]["subject"] == "abstract_algebra"
 
 
+def write_mmlu_csv(path, questions):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{q},a,b,c,d,A\n" for q in questions))
+
+
+def test_mmlu_never_reads_another_splits_folder(tmp_path):
+    """A Hendrycks folder with only dev/ and val/: asking for a split it lacks is an error (not all
+    its CSVs), asking for validation reads val/ alone, and a CSV in another split's folder is refused."""
+    root = tmp_path / "mmlu"
+    write_mmlu_csv(root / "dev" / "anatomy_dev.csv", ["dev one", "dev two"])
+    write_mmlu_csv(root / "val" / "anatomy_val.csv", ["val one", "val two", "val three"])
+    for subset, split, folder in (("auxiliary_train", "train", "auxiliary_train"), ("all", "test", "test")):
+        with pytest.raises(UserError, match=f"has no {folder}/ folder: it holds val/, dev/"):
+            MMLU(subset, split, path=root)
+    val = MMLU(split="validation", path=root)
+    questions = {c["messages"][0]["content"].split("\n")[0] for c in val}
+    assert questions == {"val one", "val two", "val three"} and val[0]["subject"] == "anatomy"
+    assert len(MMLU(split="dev", path=root)) == 2
+    with pytest.raises(UserError, match="is in a dev/ folder, not test/"):
+        MMLU(split="test", path=root / "dev")  # the leaf folder of another split
+    with pytest.raises(UserError, match="in a (dev|val)/ folder, not auxiliary_train/"):
+        MMLU("auxiliary_train", "train", path=tmp_path)  # split folders one level further down
+    write_mmlu_csv(tmp_path / "aux" / "race.csv", ["aux one"])  # a folder of one split's CSVs
+    assert len(MMLU("auxiliary_train", "train", path=tmp_path / "aux")) == 1
+
+
 def write_parquet(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -384,6 +411,34 @@ def test_smoltalk_tidy_and_hub_rows(tmp_path):
     assert len(task) == 2 and task[1]["messages"][1]["content"] == "hello"
 
 
+BAD_CHAT_ROWS = [
+    {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "hi"}]},  # no reply
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},  # empty reply
+    {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "hello"}]},  # no question
+    {"messages": None},
+    {"text": "a row of some other shape"},
+]
+
+
+def test_smoltalk_drops_unusable_rows_once_when_loading(tmp_path, hub, capsys):
+    good = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+            for i in range(3)]
+    rows = good[:1] + BAD_CHAT_ROWS + good[1:]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    local = SmolTalk(path=path)
+    assert "dropped 5 of 8 rows" in capsys.readouterr().out
+    assert [c["messages"] for c in local] == [r["messages"] for r in good]
+    # the Hub's parquet (read lazily, row by row): filtered the same way, so get_example never raises
+    hub.add_split("HuggingFaceTB/smol-smoltalk", "default", "train", [rows[:4], rows[4:]])
+    remote = SmolTalk("train")
+    assert "dropped 5 of 8 rows" in capsys.readouterr().out
+    assert [c["messages"] for c in remote] == [r["messages"] for r in good]
+    (tmp_path / "junk.jsonl").write_text(json.dumps(BAD_CHAT_ROWS[-1]) + "\n")
+    with pytest.raises(UserError, match="none of the 1 rows"):
+        SmolTalk(path=tmp_path / "junk.jsonl")
+
+
 def test_spelling_bee_uses_the_tool_correctly():
     task = SpellingBee(size=300)
     assert task.eval_type == "generative"
@@ -409,6 +464,40 @@ def test_simple_spelling():
         assert conversation["messages"][1]["content"] == f"{word} is spelled {'-'.join(word)}."
         assert task.evaluate(conversation, f"It is {'-'.join(word)}")
         assert not task.evaluate(conversation, f"It is {'-'.join(word[::-1] + 'x')}")
+
+
+def spelled_word(conversation):
+    """The word a SimpleSpelling or SpellingBee example is about (from its answer)."""
+    if "word" in conversation:
+        return conversation["word"]
+    call = conversation["messages"][1]["content"][1]["text"]
+    return re.fullmatch(r"'([a-z]+)'\.count\('[a-z]'\)", call).group(1)
+
+
+def test_spelling_test_words_never_appear_in_training():
+    for cls in (SimpleSpelling, SpellingBee):
+        train = {spelled_word(c) for c in cls(size=3000, split="train")}
+        test = {spelled_word(c) for c in cls(size=300, split="test")}
+        assert len(train) > 500 and len(test) > 50
+        assert not train & test, cls.__name__
+        assert all(zlib.crc32(w.encode()) % 10 == 0 for w in test)
+    words = load_words()
+    held_out = split_words(words, "test")
+    assert 0.05 < len(held_out) / len(words) < 0.15
+    assert sorted(held_out + split_words(words, "train")) == words
+
+
+def test_spelling_split_of_a_tiny_word_list(tmp_path):
+    for words in (["ab", "cd"], ["ab", "cd", "ef", "gh", "ij"], sorted(f"w{a}{b}" for a in "abcdefgh" for b in "xyz")):
+        train, test = split_words(words, "train"), split_words(words, "test")
+        assert train and test and not set(train) & set(test) and sorted(train + test) == words
+    (tmp_path / "two.txt").write_text("apple\nbanana\n")
+    train = {c["word"] for c in SimpleSpelling(size=20, split="train", words_path=tmp_path / "two.txt")}
+    test = {c["word"] for c in SimpleSpelling(size=20, split="test", words_path=tmp_path / "two.txt")}
+    assert len(train) == len(test) == 1 and train != test
+    (tmp_path / "one.txt").write_text("apple\n")
+    with pytest.raises(UserError, match="at least 2 words"):
+        SpellingBee(size=5, words_path=tmp_path / "one.txt")
 
 
 def test_word_lists(tmp_path):
