@@ -19,6 +19,7 @@ over the first 300 steps.
 
 Defaults for the device: CUDA -> bf16 autocast (SM80+), torch.compile, source fineweb-edu;
 otherwise fp32, no compile, source stdlib-docs (the offline corpus every machine has).
+SPEEDCHAT_DTYPE may force bfloat16 or float32; float16 is refused (it would need a gradient scaler).
 
 Checkpoints go to $SPEEDCHAT_BASE_DIR/checkpoints/base/<--model-tag, default d<depth>>/ every
 --save-every steps and at the end; --resume continues exactly where the last one left off
@@ -173,6 +174,25 @@ def sample_greedy(model, tokenizer, prompt, max_tokens, device, context_len):
     return prompt + tokenizer.decode(ids[start:])
 
 
+def global_mean(value):
+    """The mean of the scalar tensor `value` over all ranks (`value` itself when not distributed),
+    so every rank logs, and checks for NaN, the same number."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)  # not AVG: gloo lacks it on some torch versions
+    return total / dist.get_world_size()
+
+
+def training_dtype(device_type):
+    """The autocast dtype to train in: bf16 or fp32 (get_dtype's choice or SPEEDCHAT_DTYPE)."""
+    dtype = get_dtype(device_type)
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise UserError(f"training runs in bfloat16 or float32, not {str(dtype).replace('torch.', '')} "
+                        f"(float16 would need a gradient scaler): set SPEEDCHAT_DTYPE=bfloat16 or float32, or unset it")
+    return dtype
+
+
 def peak_flops(device, dtype):
     """The device's dense bf16 peak FLOP/s, or None when unknown (CPU, other GPUs, not bf16)."""
     if device.type != "cuda" or dtype != torch.bfloat16:
@@ -234,7 +254,7 @@ def train(args, ddp, rank, world_size, device):
     import dataset
 
     master = rank == 0
-    dtype = get_dtype(device.type)
+    dtype = training_dtype(device.type)
     autocast = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     source = args.source or ("fineweb-edu" if device.type == "cuda" else "stdlib-docs")
@@ -355,7 +375,7 @@ def train(args, ddp, rank, world_size, device):
                 if ddp:
                     dist.barrier()  # cleared before any rank writes this step's shard
                 stale_checkpoints = False
-            loss_value = smooth_loss.item() / (1 - ema_beta ** step)
+            loss_value = global_mean(smooth_loss).item() / (1 - ema_beta ** step)
             meta = {
                 "model_config": asdict(config),
                 "train_config": train_config,
@@ -398,7 +418,7 @@ def train(args, ddp, rank, world_size, device):
 
         # --- log (the only GPU sync of a training step)
         if step % args.log_every == 0 or step == num_iterations:
-            debiased = smooth_loss.item() / (1 - ema_beta ** step)
+            debiased = global_mean(smooth_loss).item() / (1 - ema_beta ** step)  # every rank: same value
             if not math.isfinite(debiased):
                 raise UserError(f"the loss became {debiased} at step {step}: lower the learning rates "
                                 f"(--matrix-lr, --embedding-lr) or resume from an earlier checkpoint")

@@ -5,7 +5,8 @@
 - pre-norm blocks: x + attn(norm(x)), x + mlp(norm(x)); MLP is 4x wide with ReLU^2
 - no biases; input embedding and lm_head are separate matrices
 - output projections start at zero, so each block starts as the identity
-- logits soft-capped at 15 * tanh(logits / 15), computed in float32
+- logits soft-capped at 15 * tanh(logits / 15), computed in float32; the eager loss runs the
+  lm_head in checkpointed chunks of rows, so the (B*T, vocab) float32 logits never exist at once
 - vocab padded to a multiple of 64 for fast matmuls; logits are sliced back to the real vocab
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from optim import DistAdamW, Muon
 
@@ -21,6 +23,10 @@ from optim import DistAdamW, Muon
 SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 LOGIT_SOFTCAP = 15.0
 ROTARY_BASE = 10000.0
+# The eager loss computes lm_head -> float32 -> softcap -> cross-entropy for this many logits at a
+# time (2**27 float32 = 0.5 GB: 2048 rows of a 65536 vocab) and recomputes them in backward. In one
+# piece, autograd would keep ~35 GB of float32 logits at d20 (B=32, T=2048, V=65536).
+LOSS_CHUNK_LOGITS = 2**27
 
 
 @dataclass
@@ -160,6 +166,13 @@ class KVCache:
         return cache
 
 
+def refuse_kv_cache_under_compile():
+    """Called through torch.compiler.disable, i.e. run eagerly: a `raise` that dynamo traces only
+    makes it fall back to eager for the frame, where is_compiling() is False, so nothing is raised."""
+    raise RuntimeError("GPT.forward: a KV cache cannot be used under torch.compile (every new position "
+                       "would recompile): generate with the uncompiled model")
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -177,10 +190,14 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        # CUDA autocast runs rms_norm in float32 (torch >= 2.12): back to the dtype v has, the
+        # one attention computes in (no-op without autocast)
+        dtype = v.dtype
+        q, k = q.to(dtype), k.to(dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
-            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache has another dtype
+            k, v = k.to(dtype), v.to(dtype)  # no-op unless the cache has another dtype
         y = attention(q, k, v)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -248,7 +265,14 @@ class GPT(nn.Module):
         and the cache is advanced. Returns float32 logits (B, T, vocab_size) when targets is
         None, else the cross-entropy loss (targets == -1 are ignored):
           "mean": mean over the counted targets (0.0, not NaN, when none are counted)
-          "sum": their sum;  "none": per-position losses (B, T), 0 where ignored."""
+          "sum": their sum;  "none": per-position losses (B, T), 0 where ignored.
+        Do not call a torch.compile'd model with a kv_cache: the cache position would be baked
+        into the graph and every new position would recompile (it raises RuntimeError); use the
+        uncompiled module for generation."""
+        if kv_cache is not None and torch.compiler.is_compiling():
+            torch.compiler.disable(refuse_kv_cache_under_compile)()  # raised eagerly, see there
+        if loss_reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', not {loss_reduction!r}")
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.pos
         if kv_cache is not None and kv_cache.batch_size != B:
@@ -258,25 +282,49 @@ class GPT(nn.Module):
         cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
 
         x = norm(self.wte(idx))
+        if torch.is_autocast_enabled(idx.device.type):  # wte is float32: keep the residual stream
+            x = x.to(torch.get_autocast_dtype(idx.device.type))  # in the autocast dtype, not float32
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
 
-        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
-            return logits
-        flat_logits, flat_targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)
-        if loss_reduction == "mean":
-            total = F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="sum")
-            return total / (flat_targets != -1).sum().clamp(min=1)
-        if loss_reduction == "sum":
-            return F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="sum")
+            return self._logits(x)
+        flat_x, flat_targets = x.reshape(B * T, -1), targets.reshape(B * T)
         if loss_reduction == "none":
-            return F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="none").view(B, T)
-        raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', not {loss_reduction!r}")
+            return self._head_loss(flat_x, flat_targets, "none").view(B, T)
+        total = self._head_loss(flat_x, flat_targets, "sum")
+        if loss_reduction == "sum":
+            return total
+        return total / (flat_targets != -1).sum().clamp(min=1)
+
+    def _logits(self, x):
+        """float32 soft-capped logits over the real vocab for the final-normed x (..., n_embd)."""
+        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
+        return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+
+    def _chunk_loss(self, x, targets, reduction):
+        return F.cross_entropy(self._logits(x), targets, ignore_index=-1, reduction=reduction)
+
+    def _head_loss(self, x, targets, reduction):
+        """Cross-entropy ("sum" or "none") of rows x (N, n_embd) against targets (N,), computed
+        LOSS_CHUNK_LOGITS logits at a time; with autograd on, each chunk is checkpointed: only its
+        rows of x are kept and its logits are recomputed in backward (one extra lm_head forward).
+        Under torch.compile it stays one piece, as the compiled graphs always had it: inductor fuses
+        softcap and cross-entropy and chooses itself what to keep for backward."""
+        if torch.compiler.is_compiling():
+            return self._chunk_loss(x, targets, reduction)
+        rows = max(1, LOSS_CHUNK_LOGITS // self.padded_vocab_size)
+        parts = []
+        for start in range(0, x.size(0), rows):
+            chunk = (x[start:start + rows], targets[start:start + rows], reduction)
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(self._chunk_loss, *chunk, use_reentrant=False, preserve_rng_state=False))
+            else:
+                parts.append(self._chunk_loss(*chunk))
+        return torch.cat(parts) if reduction == "none" else torch.stack(parts).sum()
 
     def num_params(self):
         """Parameter counts: embedding (wte), other (every other parameter, lm_head included:

@@ -100,6 +100,34 @@ def test_peak_flops_is_none_on_cpu():
     assert base_train.peak_flops(torch.device("cpu"), torch.float32) is None
 
 
+def test_training_refuses_float16(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPEEDCHAT_DTYPE", "bfloat16")
+    assert base_train.training_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv("SPEEDCHAT_DTYPE", "float16")  # no GradScaler: fp16 gradients would underflow
+    with pytest.raises(UserError, match="bfloat16 or float32, not float16"):
+        base_train.main(TINY + ["--num-iterations", "1"])
+
+
+def _global_mean_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        means = [base_train.global_mean(torch.tensor(values[rank])).item() for values in ([1.0, 4.0], [1.0, math.nan])]
+        (Path(out_dir) / f"{rank}.json").write_text(json.dumps(means))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_mean_is_the_same_on_every_rank(tmp_path):
+    assert base_train.global_mean(torch.tensor(3.0)).item() == 3.0  # not distributed: the value itself
+    torch.multiprocessing.spawn(_global_mean_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        mean, with_nan = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert mean == 2.5 and math.isnan(with_nan), rank  # a NaN on one rank stops every rank
+
+
 def test_help_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "base_train", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
@@ -221,6 +249,13 @@ def test_fresh_run_replaces_stale_checkpoints(base_dir):
     assert checkpoint.list_steps(directory) == [2, 4]
     base_train.main(TINY + ["--num-iterations", "1", "--eval-every", "-1"])
     assert checkpoint.list_steps(directory) == [1]  # not a mix of two runs
+
+
+def test_loss_check_uses_the_mean_over_ranks(base_dir, monkeypatch):
+    # as if another rank's loss were NaN: this rank's own loss is fine, yet it must stop too
+    monkeypatch.setattr(base_train, "global_mean", lambda value: value * math.nan)
+    with pytest.raises(UserError, match="the loss became nan at step 1"):
+        base_train.main(TINY + ["--num-iterations", "2", "--eval-every", "-1", "--save-every", "-1"])
 
 
 def test_bad_batch_flags_are_a_clear_error(base_dir):

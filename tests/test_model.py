@@ -112,12 +112,94 @@ def test_loss_masking_and_reductions():
         model(x, y, loss_reduction="max")
 
 
-def test_all_masked_targets_give_zero_finite_loss():
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_all_masked_targets_give_zero_finite_loss(chunk_rows, monkeypatch):
+    if chunk_rows:
+        monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", chunk_rows * 128)
     model = make_model(randomize=True).train()
     loss = model(tokens(2, 16), torch.full((2, 16), -1))
     assert torch.isfinite(loss) and loss.item() == 0.0
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def plain_loss_and_grads(model, x, y, reduction, weights):
+    """The loss from the whole (B*T, V) logits at once, and the gradients of (weights * loss).sum()."""
+    model.zero_grad(set_to_none=True)
+    per_token = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view(y.shape)
+    loss = {"mean": per_token.sum() / (y != -1).sum(), "sum": per_token.sum(), "none": per_token}[reduction]
+    (weights * loss).sum().backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_chunked_loss_and_grads_match_the_plain_computation(reduction, monkeypatch):
+    model = make_model(randomize=True).train()
+    x, y = tokens(2, 16), tokens(2, 16, seed=2)
+    y[0, 3:9] = -1
+    weights = torch.rand(2, 16, generator=torch.Generator().manual_seed(3)) if reduction == "none" else 1.0
+    expected, expected_grads = plain_loss_and_grads(model, x, y, reduction, weights)
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", 5 * 128)  # 5 rows a chunk: 32 = 6 x 5 + 2
+    rows = []
+    chunk_loss = model._chunk_loss
+    model._chunk_loss = lambda x, *args: rows.append(x.size(0)) or chunk_loss(x, *args)
+    model.zero_grad(set_to_none=True)
+    loss = model(x, y, loss_reduction=reduction)
+    assert rows == [5] * 6 + [2]
+    (weights * loss).sum().backward()
+    assert sorted(rows[7:]) == [2] + [5] * 6  # backward recomputed every chunk (last one first)
+    assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5, msg="loss")
+    for name, p in model.named_parameters():
+        assert_close(p.grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_training_loss_keeps_no_logits_for_backward():
+    """Autograd must not hold (B*T, V) logits: the loss head is checkpointed."""
+    model = make_model().train()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        model(tokens(2, 16), tokens(2, 16, seed=2)).backward()
+    assert saved and not [shape for shape in saved if V in shape or 128 in shape]
+
+
+def test_eval_loss_is_chunked_without_checkpointing(monkeypatch):
+    model = make_model(randomize=True)
+    x, y = tokens(2, 16), tokens(2, 16, seed=2)
+    with torch.no_grad():
+        whole = model(x, y, loss_reduction="none")
+        monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", 7 * 128)
+        monkeypatch.setattr(model_module, "checkpoint", None)  # calling it would fail
+        chunked = model(x, y, loss_reduction="none")
+    assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_compiled_path_loss_is_one_piece_and_refuses_a_kv_cache(monkeypatch):
+    """What forward does while torch.compile traces it (simulated: the real trace is slow)."""
+    model = make_model(randomize=True).train()
+    x, y = tokens(2, 16), tokens(2, 16, seed=2)
+    chunked = model(x, y)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(model_module, "checkpoint", None)  # no checkpoint under compile
+    assert_close(model(x, y), chunked, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="torch.compile"):
+        model(x[:, :4], kv_cache=new_cache(model, 2))
+
+
+def test_compiled_model_refuses_a_kv_cache():
+    """A real dynamo trace (backend="eager": no code generation, a few seconds): a plain `raise`
+    would only make dynamo fall back to eager for the frame, silently."""
+    model = make_model(randomize=True)
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    x, y = tokens(2, 8), tokens(2, 8, seed=2)
+    try:
+        assert_close(compiled(x, y), model(x, y), atol=1e-6, rtol=1e-6)  # the one-piece loss head
+        with torch.no_grad():
+            cache = new_cache(model, 2)
+            with pytest.raises(RuntimeError, match="KV cache cannot be used under torch.compile"):
+                compiled(x[:, :4], kv_cache=cache)
+            assert cache.pos == 0
+    finally:
+        torch._dynamo.reset()
 
 
 def test_gqa_matches_repeated_kv_heads(monkeypatch):
@@ -240,6 +322,44 @@ def test_autocast_bf16_forward_and_cache():
         step = torch.cat([model(x[:, :4], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache) for t in range(4, 8)], 1)
     assert full.dtype == torch.float32 and step.dtype == torch.float32
     assert (full - step).abs().max() < 0.2 * full.abs().max()  # bf16: loose, but the same logits
+
+
+def test_autocast_keeps_residual_stream_and_attention_in_the_autocast_dtype(monkeypatch):
+    """CUDA autocast runs rms_norm in float32 (torch >= 2.12), CPU autocast does not: simulate it,
+    then check that the residual stream, q, k, v and the cached keys/values all stay bf16."""
+    norm = model_module.norm
+    monkeypatch.setattr(model_module, "norm", lambda x: norm(x.float()))
+    seen = []
+    attention = model_module.attention
+    monkeypatch.setattr(model_module, "attention", lambda q, k, v: seen.append((q.dtype, k.dtype, v.dtype)) or
+                        attention(q, k, v))
+    model = make_model(randomize=True)
+    residual = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: residual.append(args[0].dtype))
+    x = tokens(1, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(x)
+        cache = new_cache(model, 1, dtype=torch.bfloat16)
+        step = torch.cat([model(x[:, :4], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache) for t in range(4, 8)], 1)
+    assert len(seen) == 6 * 2 and set(seen) == {(torch.bfloat16,) * 3}
+    assert len(residual) == 6 * 2 and set(residual) == {torch.bfloat16}
+    assert cache.k.dtype == torch.bfloat16 and full.dtype == step.dtype == torch.float32
+    assert (full - step).abs().max() < 0.2 * full.abs().max()
+
+
+def test_float32_forward_is_unchanged_by_the_autocast_casts():
+    """Without autocast nothing is cast: the logits are bitwise those of the ops written out."""
+    model = make_model(randomize=True)
+    x = tokens(2, 8)
+    with torch.no_grad():
+        h = model_module.norm(model.wte(x))
+        cos, sin = model.cos[:, :8], model.sin[:, :8]
+        for block in model.blocks:
+            h = block(h, cos, sin, None)
+        logits = model.lm_head(model_module.norm(h))[..., :V]
+        expected = 15.0 * torch.tanh(logits / 15.0)
+        assert torch.equal(model(x), expected)
 
 
 # --------------------------------------------------------------------------- accounting, optimizers
