@@ -42,9 +42,10 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from base_train import evaluate_bpb, get_rng_state, is_muon, muon_momentum, peak_flops, set_rng_state
+from base_train import (evaluate_bpb, get_rng_state, is_muon, muon_momentum, peak_flops, set_rng_state,
+                        training_dtype)
 from common import (UserError, autodetect_device, compute_cleanup, compute_init, format_seconds, get_base_dir,
-                    get_dtype, init_wandb, print0, run_main)
+                    init_wandb, print0, run_main)
 
 D20_TOTAL_BATCH_SIZE = 524288
 PRESETS = ("full", "offline")
@@ -466,7 +467,7 @@ def train_chat(args, spec, ddp, rank, world_size, device):
     t_start = time.time()
     stage = spec["stage"]
     master = rank == 0
-    dtype = get_dtype(device.type)
+    dtype = training_dtype(device.type)  # bf16 or fp32: float16 would need a gradient scaler
     autocast = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     preset = resolve_preset(args.preset, device.type)
