@@ -122,12 +122,13 @@ def run_categorical(model, tokenizer, task, indices, batch_size=8, autocast=None
         x = torch.full((len(prompts), max(map(len, prompts))), bos, dtype=torch.long)
         for r, p in enumerate(prompts):
             x[r, :len(p)] = torch.tensor(p, dtype=torch.long)
+        answer_at = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=device)
         with autocast:
-            logits = model(x.to(device))
+            logits = model(x.to(device), positions=answer_at)  # (rows, vocab): the answer position only
         for r, conversation in enumerate(conversations):
             letters = conversation["letters"]
             ids = torch.tensor([letter_token(tokenizer, l) for l in letters], device=logits.device)
-            choice = letters[int(logits[r, len(prompts[r]) - 1].index_select(0, ids).argmax())]
+            choice = letters[int(logits[r].index_select(0, ids).argmax())]
             correct += bool(task.evaluate(conversation, choice))
         if on_progress:
             on_progress(min(start + batch_size, len(indices)), correct)

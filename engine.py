@@ -250,7 +250,8 @@ class Engine:
     def _forward(self, ids, cache, autocast):
         """Last-position logits (B, V) for ids (B, t) at positions cache.pos .. cache.pos + t."""
         with autocast:
-            return self.model(ids, kv_cache=cache)[:, -1, :]
+            last = torch.full((ids.size(0),), ids.size(1) - 1, dtype=torch.long, device=ids.device)
+            return self.model(ids, kv_cache=cache, positions=last)
 
     def _new_cache(self, batch_size, seq_len):
         cfg = self.model.config

@@ -260,10 +260,12 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.c_proj.weight)
         self._set_rotary(self.cos.size(1), device=self.wte.weight.device)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", positions=None):
         """idx (B, T) token ids. With a kv_cache, idx holds positions cache.pos .. cache.pos + T
         and the cache is advanced. Returns float32 logits (B, T, vocab_size) when targets is
-        None, else the cross-entropy loss (targets == -1 are ignored):
+        None; with `positions` (B,) only the logits at positions[b] of each row, (B, vocab_size),
+        which spares the vocab projection of every other position (prefill, letter choice).
+        Else the cross-entropy loss (targets == -1 are ignored):
           "mean": mean over the counted targets (0.0, not NaN, when none are counted)
           "sum": their sum;  "none": per-position losses (B, T), 0 where ignored.
         Do not call a torch.compile'd model with a kv_cache: the cache position would be baked
@@ -291,6 +293,8 @@ class GPT(nn.Module):
             kv_cache.advance(T)
 
         if targets is None:
+            if positions is not None:
+                return self._logits(x[torch.arange(B, device=x.device), positions.to(x.device)])
             return self._logits(x)
         flat_x, flat_targets = x.reshape(B * T, -1), targets.reshape(B * T)
         if loss_reduction == "none":

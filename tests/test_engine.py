@@ -115,9 +115,9 @@ class Recorder(nn.Module):
         super().__init__()
         self.inner, self.config, self.calls = model, model.config, []
 
-    def forward(self, idx, kv_cache=None):
-        logits = self.inner(idx, kv_cache=kv_cache)
-        self.calls.append(logits[:, -1].clone())
+    def forward(self, idx, kv_cache=None, positions=None):
+        logits = self.inner(idx, kv_cache=kv_cache, positions=positions)
+        self.calls.append((logits if positions is not None else logits[:, -1]).clone())
         return logits
 
 
@@ -180,15 +180,16 @@ class Scripted(nn.Module):
         self.inner, self.config, self.scripts = model, model.config, scripts
         self.fed = []  # every input the engine gave the model
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, positions=None):
         self.fed.append(idx.clone())
         next_pos = kv_cache.pos + idx.size(1)
-        logits = self.inner(idx, kv_cache=kv_cache).clone()
+        logits = self.inner(idx, kv_cache=kv_cache, positions=positions).clone()
+        last = logits if positions is not None else logits[:, -1]  # a view: edits reach logits
         for row in range(idx.size(0)):
             token = self.scripts[row].get(next_pos)
             if token is not None:
-                logits[row, -1] = -1e9
-                logits[row, -1, token] = 10.0
+                last[row] = -1e9
+                last[row, token] = 10.0
         return logits
 
 

@@ -387,3 +387,15 @@ def test_setup_optimizers_covers_every_param_once():
     for opt in (adamw, muon):
         assert all(g["initial_lr"] == g["lr"] and g["weight_decay"] == 0.1 for g in opt.param_groups)
     assert not any(p is model.wte.weight or p is model.lm_head.weight for g in muon.param_groups for p in g["params"])
+
+
+def test_positions_returns_the_logits_of_those_positions_only():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+    model.init_weights()
+    idx = torch.randint(0, 100, (3, 10))
+    positions = torch.tensor([9, 0, 4])
+    full = model(idx)
+    picked = model(idx, positions=positions)
+    assert picked.shape == (3, 100)
+    assert torch.allclose(picked, full[torch.arange(3), positions], atol=1e-6)
