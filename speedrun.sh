@@ -36,6 +36,11 @@ if [ "$NGPU" = 0 ] && [ -z "${SPEEDCHAT_PRESET:-}" ] && command -v nvidia-smi >/
     exit 1
 fi
 PRESET=${SPEEDCHAT_PRESET:-$([ "$NGPU" -gt 0 ] && echo gpu || echo cpu)}
+case "$PRESET" in
+    gpu) [ "$NGPU" -gt 0 ] || { echo "error: SPEEDCHAT_PRESET=gpu but torch sees no CUDA GPU: unset it to run the CPU preset" >&2; exit 1; } ;;
+    cpu) ;;
+    *) echo "error: SPEEDCHAT_PRESET must be gpu or cpu, not '$PRESET'" >&2; exit 1 ;;
+esac
 DONE="$SPEEDCHAT_BASE_DIR/speedrun"
 mkdir -p "$DONE"
 echo "speedrun: preset $PRESET, $NGPU GPU(s), artifacts in $SPEEDCHAT_BASE_DIR"
