@@ -383,6 +383,7 @@ def train(args, ddp, rank, world_size, device):
                 "loss": loss_value,
                 "val_bpb": val_bpb,
                 "source": source,
+                "tokenizer": tokenizer.fingerprint(),
                 "world_size": world_size,
                 "dataloader_state": train_loader.state_dict(),
                 "loop_state": {"smooth_loss": smooth_loss.item(), "training_time": training_time,

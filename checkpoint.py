@@ -261,6 +261,11 @@ def load_model(stage, device, tag=None, step=None, phase="eval"):
     model = build_model(meta, device, model_state)
     model.train(phase == "train")
     tokenizer = get_tokenizer()
+    trained_with = meta.get("tokenizer")
+    if trained_with is not None and trained_with != tokenizer.fingerprint():
+        raise UserError(f"the {stage} model was trained with another tokenizer than the one in "
+                        f"{get_base_dir() / 'tokenizer'} (fingerprint {trained_with} vs {tokenizer.fingerprint()}): "
+                        f"restore that tokenizer or retrain the model")
     vocab = meta["model_config"].get("vocab_size")
     if vocab is not None and tokenizer.get_vocab_size() > vocab:
         raise UserError(f"the tokenizer in {get_base_dir() / 'tokenizer'} has {tokenizer.get_vocab_size()} tokens "

@@ -575,6 +575,7 @@ def train_chat(args, spec, ddp, rank, world_size, device):
                 stale_checkpoints = False
             meta = {
                 "model_config": start_meta["model_config"],
+                "tokenizer": tokenizer.fingerprint(),
                 "train_config": train_config,
                 "step": step,
                 "loss": smooth_loss.item() / (1 - ema_beta ** step) if step else None,

@@ -206,3 +206,23 @@ def test_state_dict_that_does_not_fit_its_config_is_a_clear_error(base_dir):
     meta["model_config"]["n_layer"] = 3
     with pytest.raises(UserError, match="does not match its model config"):
         checkpoint.build_model(meta, "cpu", model_state)
+
+
+def test_load_model_with_another_tokenizer_of_the_same_size_is_a_clear_error(base_dir):
+    from tokenizer import Tokenizer
+
+    save_gpt(base_dir)
+    tok = Tokenizer.load(base_dir / "tokenizer")
+    meta_path = next((base_dir / "checkpoints" / "base" / "d2").glob("meta_*.json"))
+    meta = json.loads(meta_path.read_text())
+    meta["tokenizer"] = tok.fingerprint()  # what base_train records
+    meta_path.write_text(json.dumps(meta))
+    checkpoint.load_model("base", "cpu")  # the same tokenizer: fine
+    # same size, other ranks: bytes 0 and 1 swapped
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks[b"\x00"], ranks[b"\x01"] = 1, 0
+    other = Tokenizer(ranks)
+    assert other.get_vocab_size() == tok.get_vocab_size() and other.fingerprint() != tok.fingerprint()
+    other.save(base_dir / "tokenizer")
+    with pytest.raises(UserError, match="trained with another tokenizer"):
+        checkpoint.load_model("base", "cpu")

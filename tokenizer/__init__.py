@@ -144,6 +144,15 @@ class Tokenizer:
     def get_vocab_size(self) -> int:
         return len(self.mergeable_ranks) + len(self.special_tokens)
 
+    def fingerprint(self) -> str:
+        """A short hash of the ranks, pattern and special tokens: checkpoints record it so a model
+        is never paired with a different tokenizer of the same size."""
+        h = hashlib.sha256(self.pattern.encode())
+        for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
+        h.update(json.dumps(self.special_tokens, sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
     def get_bos_token_id(self) -> int:
         return self.bos_token_id
 
