@@ -27,30 +27,42 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_server(base, log):
+    """chat_web on a free port; -> (process, url). The port is picked, closed, then bound by the
+    server, so another process can take it in between: then the server exits and we retry."""
+    env = dict(os.environ, SPEEDCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1")
+    for _ in range(5):
+        port = free_port()
+        cmd = [sys.executable, "-m", "chat_web", "--device", "cpu", "--port", str(port), "--max-tokens", "16",
+               "--max-tokens-limit", str(MAX_TOKENS_LIMIT), "--max-messages", "8", "--max-message-chars", "600",
+               "--log-level", "warning"]
+        start = log.tell()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                # ours only while it is alive: a stranger holding the port would answer too
+                if requests.get(url + "/health", timeout=1).status_code == 200 and proc.poll() is None:
+                    return proc, url
+            except requests.RequestException:  # not listening yet, or a stranger that does not answer
+                pass
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+        log.seek(start)
+        output = log.read()
+        if "address already in use" not in output.lower():
+            pytest.fail(f"chat_web did not start:\n{output}")
+    pytest.fail("chat_web found its port taken 5 times in a row")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("webbase")
     save_tiny_checkpoint(base, stage="sft")
-    port = free_port()
-    env = dict(os.environ, SPEEDCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "chat_web", "--device", "cpu", "--port", str(port), "--max-tokens", "16",
-           "--max-tokens-limit", str(MAX_TOKENS_LIMIT), "--max-messages", "8", "--max-message-chars", "600",
-           "--log-level", "warning"]
     log = open(base / "server.log", "w+")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            log.seek(0)
-            pytest.fail(f"chat_web did not start:\n{log.read()}")
-        time.sleep(0.2)
+    proc, url = start_server(base, log)
     yield url
     proc.terminate()
     try:
@@ -62,7 +74,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def client(server):
-    openai = pytest.importorskip("openai")
+    import openai
+
     return openai.OpenAI(base_url=server + "/v1", api_key="not-needed", max_retries=0, timeout=30)
 
 
@@ -188,7 +201,8 @@ class SlowEngine:
 
 @pytest.fixture
 def pool_server():
-    uvicorn = pytest.importorskip("uvicorn")
+    import uvicorn
+
     import chat_web
     from test_engine import make_tokenizer
 
@@ -196,14 +210,15 @@ def pool_server():
     SlowEngine.stats.update(active=0, max_active=0, closed=0)
     pool = chat_web.WorkerPool([chat_web.Worker(SlowEngine(tok), "cpu") for _ in range(2)])
     app = chat_web.create_app(pool, "slow", sequence_len=4096, limits=chat_web.Limits(max_tokens=2000))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # port 0: the OS picks a free port at bind time (no pick-close-rebind race); read it back
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started:
         assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
@@ -252,7 +267,8 @@ def find_chromium():
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (uv sync --group dev)")
+    from selenium import webdriver
+
     binary, driver_path = find_chromium()
     if not binary or not driver_path:
         pytest.skip("Chromium and chromedriver are not installed (apt-get install -y chromium chromium-driver)")
@@ -290,14 +306,19 @@ def test_page_streams_a_reply_and_edits_history(server, browser):
     assert browser.execute_script("return window.chunksReceived") >= 2  # arrived in pieces
 
     # click the user message, edit it, Enter: the reply is regenerated from there
+    chunks_before = browser.execute_script("return window.chunksReceived")
     browser.find_element(By.CSS_SELECTOR, ".msg.user").click()
     area = browser.find_element(By.CSS_SELECTOR, ".msg.user textarea")
     area.clear()
     area.send_keys("What is the capital of France?", Keys.ENTER)
     wait.until(idle_with_reply)
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
     users = browser.find_elements(By.CSS_SELECTOR, ".msg.user")
     assert [u.text for u in users] == ["What is the capital of France?"]
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1
+    # a new reply streamed in after the edit (not the old one left on the page)
+    assert browser.execute_script("return window.chunksReceived") > chunks_before
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant").text
 
     browser.find_element(By.ID, "new").click()
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg")

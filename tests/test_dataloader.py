@@ -268,7 +268,8 @@ def test_errors_reach_the_caller(tmp_path):
 def test_real_tokenizer_on_stdlib_docs(tmp_path_factory, monkeypatch):
     # the same session-wide base dir as test_dataset.py's stdlib test: the corpus is built once
     monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path_factory.getbasetemp() / "stdlib-docs-base"))
-    tokenizer = pytest.importorskip("tokenizer")
+    import tokenizer
+
     tok = tokenizer.Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: no training needed
     loader = DataLoader(tok, B=2, T=128, source="stdlib-docs", num_threads=2)
     x, y = next(loader)
@@ -287,6 +288,19 @@ def test_real_tokenizer_on_stdlib_docs(tmp_path_factory, monkeypatch):
 def test_cuda_batches_are_pinned_and_identical(tmp_path):
     source, _ = make_source(tmp_path / "src")
     cpu = take(DataLoader(ByteTokenizer(), B=4, T=64, source=source), 10)
-    gpu = take(DataLoader(ByteTokenizer(), B=4, T=64, source=source, device="cuda"), 10)
-    for (x0, y0), (x1, y1) in zip(cpu, gpu):
+    loader = DataLoader(ByteTokenizer(), B=4, T=64, source=source, device="cuda")
+    gpu = take(loader, 1)
+    # spy on the host batches the loader copies from: they must be in pinned memory
+    get, pinned = loader._workers.get, []
+
+    def spy():
+        inputs, targets, state = get()
+        pinned.append(inputs.is_pinned() and targets.is_pinned())
+        return inputs, targets, state
+
+    loader._workers.get = spy
+    gpu += take(loader, 9)
+    assert pinned == [True] * 9
+    for (x0, y0), (x1, y1) in zip(cpu, gpu, strict=True):
         assert x1.is_cuda and torch.equal(x0, x1.cpu()) and torch.equal(y0, y1.cpu())
+    loader.close()

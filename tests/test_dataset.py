@@ -97,9 +97,11 @@ def test_stdlib_docs(stdlib_base):
     for path in shards:
         meta = pq.ParquetFile(path).metadata
         assert all(meta.row_group(i).num_rows <= 1024 for i in range(meta.num_row_groups))
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
     t0 = time.time()
-    dataset.ensure_source("stdlib-docs")  # cached: fast
-    assert time.time() - t0 < 1.0
+    dataset.ensure_source("stdlib-docs")  # cached: not rebuilt
+    assert time.time() - t0 < 10
+    assert {p: p.stat().st_mtime_ns for p in dataset.list_shards("stdlib-docs")} == stamps
 
 
 # ---------------------------------------------------------------------------
@@ -351,9 +353,9 @@ def test_offline_fails_fast_in_one_line(base_dir):
         port = s.getsockname()[1]
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "dataset", "-n", "4", "--url", f"http://127.0.0.1:{port}/x"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "SPEEDCHAT_BASE_DIR": str(base_dir)})
-    assert time.time() - t0 < 15
+    assert time.time() - t0 < 45  # no retry loop: 5 retries with the 2 s doubling backoff take 62 s
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

@@ -102,7 +102,7 @@ def test_dist_adamw_matches_torch_adamw_at_world_size_1():
 STEPS, GLOBAL_B, T, VOCAB = 4, 4, 16, 100
 
 
-def train(rank=0, world=1):
+def train(rank=0, world=1, steps=STEPS):
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=T, vocab_size=VOCAB, n_layer=3, n_head=4, n_kv_head=2, n_embd=64))
     model.init_weights()
@@ -117,7 +117,7 @@ def train(rank=0, world=1):
     optimizers.append(Muon([loose["lone"]], lr=0.02, weight_decay=0.1))
     data = torch.Generator().manual_seed(1)
     rows = slice(rank * GLOBAL_B // world, (rank + 1) * GLOBAL_B // world)
-    for step in range(STEPS):
+    for step in range(steps):
         x = torch.randint(0, VOCAB, (GLOBAL_B, T), generator=data)[rows]
         y = torch.randint(0, VOCAB, (GLOBAL_B, T), generator=data)[rows]
         loss = model(x, y)
@@ -156,10 +156,9 @@ def test_world_size_2_equals_world_size_1(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     single = train()
-    start = GPT(GPTConfig(sequence_len=T, vocab_size=VOCAB, n_layer=3, n_head=4, n_kv_head=2, n_embd=64))
-    torch.manual_seed(0)
-    start.init_weights()
-    assert not torch.allclose(single["model.blocks.0.mlp.c_fc.weight"], start.blocks[0].mlp.c_fc.weight)
+    start = train(steps=0)  # the same seeded init, no optimizer step: training must have moved it
+    for name in ("model.blocks.0.mlp.c_fc.weight", "model.wte.weight", "loose.sharded", "loose.lone"):
+        assert not torch.allclose(single[name], start[name]), f"{name} did not move in training"
     for tag in ("", "_fallback"):
         r0 = torch.load(tmp_path / f"rank0{tag}.pt")
         r1 = torch.load(tmp_path / f"rank1{tag}.pt")

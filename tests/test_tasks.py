@@ -53,10 +53,8 @@ def base_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tok():
-    try:
-        from tokenizer import Tokenizer
-    except ImportError as e:
-        pytest.skip(f"tokenizer package not importable yet ({e})")
+    from tokenizer import Tokenizer
+
     texts = [json.dumps(c) for c in Identity()] + load_words()
     texts += ["The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) ' \" # $ , ."] * 20
     return Tokenizer.train_from_iterator(texts, vocab_size=512)
@@ -726,7 +724,7 @@ def test_offline_fails_fast_naming_the_path_flag(monkeypatch):
         t0 = time.monotonic()
         with pytest.raises(UserError) as info:
             make()
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 15  # no retries: 5 with the 2 s doubling backoff would take 30 s
         message = str(info.value)
         assert flag in message and "cannot reach" in message and "\n" not in message
 

@@ -4,6 +4,7 @@ the on-disk format, token_bytes, the offline GPT-2 rebuild, and the train/eval s
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -103,8 +104,6 @@ def test_rustbpe_encode_agrees_with_tiktoken():
     from rustbpe import Tokenizer as BPETrainer
 
     trainer = BPETrainer()
-    if not hasattr(trainer, "encode"):
-        pytest.skip("this rustbpe build has no encode()")
     trainer.train_from_iterator(iter(CORPUS), VOCAB - len(SPECIAL_TOKENS))
     ours = Tokenizer(dict(trainer.get_mergeable_ranks()), trainer.get_pattern())
     for text in CORPUS + ["zebra quokka 1234567 ünïcödé 🙂 \n\n\t x"]:
@@ -421,9 +420,12 @@ def test_tiktoken_download_fails_fast_when_unreachable(tmp_path, monkeypatch):
     import tokenizer.eval as tok_eval
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty cache
-    monkeypatch.setattr(tok_eval, "TIKTOKEN_HOST", ("127.0.0.1", 9))  # nothing listens on the discard port
+    with socket.socket() as s:  # a port that surely nothing listens on: we held it, then let it go
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(tok_eval, "TIKTOKEN_HOST", ("127.0.0.1", port))
     assert not tok_eval.host_reachable()
     t0 = time.time()
     enc, reason = tok_eval.load_tiktoken_encoding("cl100k_base")
     assert enc is None and "cl100k_base" in reason
-    assert time.time() - t0 < 5
+    assert time.time() - t0 < 30  # cache only, no download attempt that could hang for minutes
