@@ -218,13 +218,14 @@ def set_rng_state(state, device):
 # ---------------------------------------------------------------------------
 
 
-def derive_batch(args, world_size):
-    """(total_batch_size, grad_accum_steps) from the flags; errors when they do not divide."""
-    tokens_per_micro = args.device_batch_size * args.max_seq_len * world_size
-    total = args.total_batch_size if args.total_batch_size > 0 else tokens_per_micro
+def derive_batch(device_batch_size, seq_len, total_batch_size, world_size):
+    """(total_batch_size, grad_accum_steps): total_batch_size <= 0 means one micro-batch per process.
+    Errors when the total is not a multiple of what the processes take in one micro-step."""
+    tokens_per_micro = device_batch_size * seq_len * world_size
+    total = total_batch_size if total_batch_size > 0 else tokens_per_micro
     if total % tokens_per_micro != 0:
         raise UserError(f"--total-batch-size {total} is not a multiple of device batch x seq len x processes = "
-                        f"{args.device_batch_size} x {args.max_seq_len} x {world_size} = {tokens_per_micro}: "
+                        f"{device_batch_size} x {seq_len} x {world_size} = {tokens_per_micro}: "
                         f"change --total-batch-size or --device-batch-size")
     return total, total // tokens_per_micro
 
@@ -280,7 +281,8 @@ def train(args, ddp, rank, world_size, device):
     orig_model.init_weights()
     num_params = orig_model.num_params()["total"]
     flops_per_token = orig_model.estimate_flops()
-    total_batch_size, grad_accum = derive_batch(args, world_size)
+    total_batch_size, grad_accum = derive_batch(args.device_batch_size, args.max_seq_len,
+                                                 args.total_batch_size, world_size)
     num_iterations = derive_num_iterations(args, num_params, total_batch_size)
     optimizers = orig_model.setup_optimizers(embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
                                              matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)

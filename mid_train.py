@@ -42,12 +42,11 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from base_train import (evaluate_bpb, get_rng_state, is_muon, muon_momentum, peak_flops, set_rng_state,
-                        training_dtype)
+from base_train import (D20_TOTAL_BATCH_SIZE, derive_batch, evaluate_bpb, get_rng_state, is_muon, muon_momentum,
+                        peak_flops, set_rng_state, training_dtype)
 from common import (UserError, autodetect_device, compute_cleanup, compute_init, format_seconds, get_base_dir,
                     init_wandb, print0, run_main)
 
-D20_TOTAL_BATCH_SIZE = 524288
 PRESETS = ("full", "offline")
 # local copies of the task datasets: flag -> (environment variable that sets its default, help)
 DATA_FLAGS = {
@@ -690,16 +689,10 @@ def get_args(argv=None):
 
 
 def packed_batch(args, T, world_size, device):
-    tokens_per_micro = args.device_batch_size * T * world_size
     total = args.total_batch_size
     if total is None:
         total = D20_TOTAL_BATCH_SIZE if device.type == "cuda" else -1
-    total = total if total > 0 else tokens_per_micro
-    if total % tokens_per_micro != 0:
-        raise UserError(f"--total-batch-size {total} is not a multiple of device batch x seq len x processes = "
-                        f"{args.device_batch_size} x {T} x {world_size} = {tokens_per_micro}: "
-                        f"change --total-batch-size or --device-batch-size")
-    accum = total // tokens_per_micro
+    total, accum = derive_batch(args.device_batch_size, T, total, world_size)
     return accum, (f"{total:,} tokens/step = {args.device_batch_size} x {T} x {world_size} processes x "
                    f"{accum} accumulation")
 

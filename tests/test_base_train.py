@@ -22,7 +22,6 @@ TINY = ["--device", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-dim",
         "--run", "dummy"]
 
 
-
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """The models here are tiny: a second thread only adds waiting, a lot of it on a busy machine."""
@@ -53,15 +52,18 @@ def test_muon_momentum_warmup():
 
 
 def test_batch_derivation_and_divisibility_error():
+    def derive(args, world_size):
+        return base_train.derive_batch(args.device_batch_size, args.max_seq_len, args.total_batch_size, world_size)
+
     args = base_train.get_args(["--device-batch-size", "4", "--max-seq-len", "128", "--total-batch-size", "2048"])
-    assert base_train.derive_batch(args, world_size=2) == (2048, 2)
+    assert derive(args, world_size=2) == (2048, 2)
     args = base_train.get_args(["--device-batch-size", "4", "--max-seq-len", "128", "--total-batch-size", "-1"])
-    assert base_train.derive_batch(args, world_size=3) == (1536, 1)
+    assert derive(args, world_size=3) == (1536, 1)
     args = base_train.get_args(["--device-batch-size", "3", "--max-seq-len", "100", "--total-batch-size", "1000"])
     with pytest.raises(UserError, match="not a multiple of device batch x seq len x processes"):
-        base_train.derive_batch(args, world_size=1)
+        derive(args, world_size=1)
     # the d20 defaults: 32 x 2048 x 8 GPUs = 524288, no accumulation
-    assert base_train.derive_batch(base_train.get_args([]), world_size=8) == (524288, 1)
+    assert derive(base_train.get_args([]), world_size=8) == (524288, 1)
 
 
 def test_horizon_from_param_data_ratio():
