@@ -22,14 +22,6 @@ TINY = ["--device", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-dim",
         "--run", "dummy"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The models here are tiny: a second thread only adds waiting, a lot of it on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------------------
 # Pure functions

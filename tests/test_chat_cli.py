@@ -7,21 +7,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 import chat_cli
 from common import UserError
 from test_engine import save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

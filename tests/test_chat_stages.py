@@ -24,15 +24,6 @@ MID = TINY + ["--device-batch-size", "2", "--total-batch-size", "512", "--eval-t
 SFT = TINY + ["--device-batch-size", "4", "--examples-per-step", "8", "--eval-examples", "32"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The models here are tiny: a second thread only adds waiting, a lot of it on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def task_texts():
     from tasks.arithmetic import Arithmetic
     from tasks.identity import Identity

@@ -53,15 +53,6 @@ def save_tiny_checkpoint(base_dir, stage="base", tag="d2", vocab_size=400):
     return tok, model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: thread start-up and spinning cost more than they save (10x+ on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer()

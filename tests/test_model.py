@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
+from conftest import assert_close
 from model import GPT, GPTConfig, KVCache, config_from_depth
 
 V = 100  # padded to 128 inside the model
@@ -16,18 +17,6 @@ V = 100  # padded to 128 inside the model
 @pytest.fixture(autouse=True)
 def _env(tmp_path, monkeypatch):
     monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path))
-    # tiny matrices: one thread is faster, and far faster on a busy machine (no spinning threads)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_close(actual, expected, atol=1e-5, rtol=1e-5, msg=""):
-    # torch.testing.assert_close's first call costs seconds of imports; this is all we need
-    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), f"{msg} max abs diff {err:.3g}"
 
 
 def tiny_config(**overrides):

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # for the torchrun worker, which starts in tests/
 
 import optim  # noqa: E402
+from conftest import assert_close  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from optim import DistAdamW, Muon, orthogonalize  # noqa: E402
 
@@ -22,17 +23,6 @@ from optim import DistAdamW, Muon, orthogonalize  # noqa: E402
 @pytest.fixture(autouse=True)
 def _env(tmp_path, monkeypatch):
     monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and robust on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_close(actual, expected, atol=1e-5, rtol=1e-5, msg=""):
-    # torch.testing.assert_close's first call costs seconds of imports; this is all we need
-    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), f"{msg} max abs diff {err:.3g}"
 
 
 # --------------------------------------------------------------------------- world size 1
