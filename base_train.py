@@ -184,6 +184,25 @@ def global_mean(value):
     return total / dist.get_world_size()
 
 
+def check_finite_loss(loss, step, what_to_lower):
+    if not math.isfinite(loss):
+        raise UserError(f"the loss became {loss} at step {step}: lower the learning rates "
+                        f"({what_to_lower}) or resume from an earlier checkpoint")
+
+
+def step_line(step, progress, loss, lrm, dt, tokens_per_step, flops_per_token, peak, world_size, elapsed, eta,
+              num_iterations=None):
+    """The training step line (shared by base, mid and sft) and the tok/s it reports. `progress`
+    is the fraction done, `peak` the device's FLOP/s (None: MFU n/a)."""
+    tok_per_sec = tokens_per_step / dt
+    mfu = f"{100 * flops_per_token * tok_per_sec / (peak * world_size):.2f}%" if peak else "n/a"
+    of = f"/{num_iterations:05d}" if num_iterations else ""
+    line = (f"step {step:05d}{of} ({100 * min(progress, 1.0):.1f}%) | loss {loss:.4f} | lrm {lrm:.2f} | "
+            f"dt {dt * 1000:.1f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu} | "
+            f"elapsed {format_seconds(elapsed)} | eta {format_seconds(eta)}")
+    return line, tok_per_sec
+
+
 def training_dtype(device_type):
     """The autocast dtype to train in: bf16 or fp32 (get_dtype's choice or SPEEDCHAT_DTYPE)."""
     dtype = get_dtype(device_type)
@@ -422,9 +441,7 @@ def train(args, ddp, rank, world_size, device):
         # --- log (the only GPU sync of a training step)
         if step % args.log_every == 0 or step == num_iterations:
             debiased = global_mean(smooth_loss).item() / (1 - ema_beta ** step)  # every rank: same value
-            if not math.isfinite(debiased):
-                raise UserError(f"the loss became {debiased} at step {step}: lower the learning rates "
-                                f"(--matrix-lr, --embedding-lr) or resume from an earlier checkpoint")
+            check_finite_loss(debiased, step, "--matrix-lr, --embedding-lr")
             sync()
             now = time.perf_counter()
             dt = (now - last_log_time) / (step - last_log_step)
@@ -432,12 +449,10 @@ def train(args, ddp, rank, world_size, device):
                 training_time += dt * (step - last_log_step)
                 timed_steps += step - last_log_step
             last_log_time, last_log_step = now, step
-            tok_per_sec = total_batch_size / dt
-            mfu = f"{100 * flops_per_token * tok_per_sec / (peak * world_size):.2f}%" if peak else "n/a"
-            eta = dt * (num_iterations - step)
-            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f} | "
-                   f"lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu} | "
-                   f"elapsed {format_seconds(training_time)} | eta {format_seconds(eta)}")
+            line, tok_per_sec = step_line(step, step / num_iterations, debiased, lrm, dt, total_batch_size,
+                                          flops_per_token, peak, world_size, training_time,
+                                          eta=dt * (num_iterations - step), num_iterations=num_iterations)
+            print0(line)
             curve["step"].append(step)
             curve["loss"].append(debiased)
             wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec})

@@ -31,7 +31,6 @@ the conversation batching, and the training loop (train_chat).
 import argparse
 import hashlib
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -42,8 +41,8 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from base_train import (D20_TOTAL_BATCH_SIZE, derive_batch, evaluate_bpb, get_rng_state, is_muon, muon_momentum,
-                        peak_flops, set_rng_state, training_dtype)
+from base_train import (D20_TOTAL_BATCH_SIZE, check_finite_loss, derive_batch, evaluate_bpb, get_rng_state,
+                        is_muon, muon_momentum, peak_flops, set_rng_state, step_line, training_dtype)
 from common import (UserError, autodetect_device, compute_cleanup, compute_init, format_seconds, get_base_dir,
                     init_wandb, print0, run_main)
 
@@ -616,21 +615,17 @@ def train_chat(args, spec, ddp, rank, world_size, device):
         # --- log
         if step % args.log_every == 0 or progress >= 1.0:
             debiased = smooth_loss.item() / (1 - ema_beta ** step)
-            if not math.isfinite(debiased):  # every rank sees the same value and stops here together
-                raise UserError(f"the loss became {debiased} at step {step}: lower the learning rates "
-                                f"(--init-lr-frac) or resume from an earlier checkpoint")
+            check_finite_loss(debiased, step, "--init-lr-frac")  # every rank sees the same value: all stop
             sync()
             now = time.perf_counter()
             dt = (now - last_log_time) / (step - last_log_step)
             if not use_compile or step > start_step + 10:
                 training_time += dt * (step - last_log_step)
             last_log_time, last_log_step = now, step
-            tok_per_sec = tokens_step / dt
-            mfu = f"{100 * flops_per_token * tok_per_sec / (peak * world_size):.2f}%" if peak else "n/a"
-            eta = max(0.0, dt * (step / max(progress, 1e-9) - step))
-            print0(f"step {step:05d} ({100 * min(progress, 1.0):.1f}%) | loss {debiased:.4f} | lrm {lrm:.2f} | "
-                   f"dt {dt * 1000:.1f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu} | "
-                   f"elapsed {format_seconds(training_time)} | eta {format_seconds(eta)}")
+            line, tok_per_sec = step_line(step, progress, debiased, lrm, dt, tokens_step, flops_per_token, peak,
+                                          world_size, training_time,
+                                          eta=max(0.0, dt * (step / max(progress, 1e-9) - step)))
+            print0(line)
             curve["step"].append(step)
             curve["loss"].append(debiased)
             wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec})
