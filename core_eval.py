@@ -436,40 +436,6 @@ def reference_lines(bundle_dir, tasks) -> dict[str, float]:
 # Download: once, into $SPEEDCHAT_BASE_DIR/eval_bundle
 
 
-def _download(url, dest: Path, attempts=5, timeout=60):
-    """Stream url to dest, resuming a partial .part file, retrying with backoff; size-checked."""
-    import requests
-
-    part = dest.with_name(dest.name + ".part")
-    for attempt in range(1, attempts + 1):
-        try:
-            have = part.stat().st_size if part.exists() else 0
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
-                if r.status_code == 416:  # nothing left to fetch, or a stale part: start over
-                    part.unlink(missing_ok=True)
-                    raise OSError("server refused the resume range")
-                r.raise_for_status()
-                if have and r.status_code != 206:  # the server ignored Range: start over
-                    have = 0
-                expected = int(r.headers["Content-Length"]) + have if "Content-Length" in r.headers else None
-                with open(part, "ab" if have else "wb") as f:
-                    for chunk in r.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-            size = part.stat().st_size
-            if expected is not None and size != expected:
-                raise OSError(f"got {size} bytes, expected {expected}")
-            os.replace(part, dest)
-            return
-        except (OSError, requests.RequestException) as e:
-            if attempt == attempts:
-                raise UserError(f"could not download {url} ({e}): check the network, or pass --bundle PATH "
-                                f"to an unzipped eval bundle")
-            wait = 2 ** attempt
-            print0(f"download failed ({e}); retrying in {wait}s")
-            time.sleep(wait)
-
-
 def ensure_bundle(base_dir=None) -> Path:
     """The eval bundle folder, downloading and unzipping it on first use (atomically: a folder
     named eval_bundle is always complete). URL from $SPEEDCHAT_EVAL_BUNDLE_URL if set."""
@@ -480,7 +446,13 @@ def ensure_bundle(base_dir=None) -> Path:
     url = os.environ.get(BUNDLE_URL_ENV) or BUNDLE_URL
     zip_path = base / "eval_bundle.zip"
     print0(f"downloading the CORE eval bundle from {url}")
-    _download(url, zip_path)
+    from dataset import DownloadError, download_file
+
+    try:  # resumed, retried and size-checked; the zip itself is checked when it is opened below
+        download_file(url, zip_path, retries=4, backoff=2.0, timeout=60, validate=None)
+    except DownloadError as e:
+        raise UserError(f"could not download {url} ({e.reason}): check the network, or pass --bundle PATH "
+                        f"to an unzipped eval bundle")
     with tempfile.TemporaryDirectory(dir=base, prefix=".eval_bundle.") as tmp:
         unzipped = Path(tmp) / "unzipped"  # inside tmp, so that it can be moved out whatever the zip's layout
         try:

@@ -96,8 +96,9 @@ class ParquetError(Exception):
     """A file that is not a complete, readable parquet shard with a `text` column."""
 
 
-def check_parquet(path: Path):
-    """Cheap but strict check of a shard: PAR1 magic at both ends, a readable footer, a `text` column."""
+def check_parquet(path: Path, column: str | None = "text"):
+    """Cheap but strict check of a shard: PAR1 magic at both ends, a readable footer, a `text`
+    column (`column=None`: any parquet file)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(4)
@@ -109,8 +110,8 @@ def check_parquet(path: Path):
         meta = pq.read_metadata(path)
     except Exception as e:
         raise ParquetError(f"unreadable parquet footer ({e})")
-    if "text" not in meta.schema.names:
-        raise ParquetError(f"no column 'text' (columns: {', '.join(meta.schema.names)})")
+    if column is not None and column not in meta.schema.names:
+        raise ParquetError(f"no column '{column}' (columns: {', '.join(meta.schema.names)})")
     return meta
 
 
@@ -481,7 +482,12 @@ _stop = threading.Event()  # set on Ctrl-C so the download threads stop between 
 
 
 class DownloadError(Exception):
-    """A shard that could not be downloaded correctly (after retries, or a permanent HTTP error)."""
+    """A file that could not be downloaded correctly: `attempts` tries failed (None: a permanent
+    HTTP error, not retried) for `reason`."""
+
+    def __init__(self, message, reason=None, attempts=None):
+        super().__init__(message)
+        self.reason, self.attempts = reason or message, attempts
 
 
 class _Transient(Exception):
@@ -525,12 +531,12 @@ def _content_range(header: str | None):
     return int(m.group(1)), int(m.group(3))
 
 
-def _fetch(url: str, part: Path, timeout: float):
+def _fetch(url: str, part: Path, timeout: float, headers: dict | None = None):
     """One attempt: append to `part` from where it stops (HTTP Range), check the size."""
     import requests
 
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Accept-Encoding": "identity"}
+    headers = {**(headers or {}), "Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
     with requests.get(url, headers=headers, stream=True, timeout=(10, timeout)) as r:
@@ -562,17 +568,31 @@ def _fetch(url: str, part: Path, timeout: float):
         raise _Corrupt(f"got {size} bytes, the server says {total}")
 
 
-def download_file(url: str, path: Path, retries: int = 5, backoff: float = 2.0, timeout: float = 60.0) -> Path:
+def download_file(url: str, path: Path, retries: int = 5, backoff: float = 2.0, timeout: float = 60.0,
+                  validate=check_parquet, headers: dict | None = None) -> Path:
     """Download `url` to `path`: resume a partial `path.part`, retry with exponential backoff,
-    verify the size and the parquet footer, then rename into place. Never leaves a bad `path`."""
+    verify the size and `validate(file)` (a parquet shard by default; it raises ParquetError on a
+    bad file, None skips it), then rename into place. Never leaves a bad `path`. Every download of
+    the project goes through here: shards, task datasets, the CORE bundle."""
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another download of the same shard (a second run) waits here
-        if is_complete_shard(path):
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another download of the same file (a second run) waits here
+        if _is_valid(path, validate):
             return path
-        return _download_locked(url, path, retries, backoff, timeout)
+        return _download_locked(url, path, retries, backoff, timeout, validate, headers)
 
 
-def _download_locked(url, path, retries, backoff, timeout):
+def _is_valid(path, validate) -> bool:
+    if not path.exists():
+        return False
+    try:
+        if validate is not None:
+            validate(path)
+        return True
+    except (OSError, ParquetError):
+        return False
+
+
+def _download_locked(url, path, retries, backoff, timeout, validate, headers):
     import requests
 
     part = path.with_name(path.name + ".part")
@@ -583,8 +603,9 @@ def _download_locked(url, path, retries, backoff, timeout):
         if _stop.is_set():
             raise DownloadError("interrupted")
         try:
-            _fetch(url, part, timeout)
-            check_parquet(part)
+            _fetch(url, part, timeout, headers)
+            if validate is not None:
+                validate(part)
         except (_Corrupt, ParquetError) as e:
             part.unlink(missing_ok=True)  # untrusted bytes: start over next time
             error = e
@@ -594,16 +615,12 @@ def _download_locked(url, path, retries, backoff, timeout):
             continue
         os.replace(part, path)
         return path
-    raise DownloadError(f"{path.name}: {_short_reason(error) if isinstance(error, requests.RequestException) else error} "
-                        f"(after {retries + 1} attempts)")
+    reason = _short_reason(error) if isinstance(error, requests.RequestException) else str(error)
+    raise DownloadError(f"{path.name}: {reason} (after {retries + 1} attempts)", reason, retries + 1)
 
 
 def is_complete_shard(path: Path) -> bool:
-    try:
-        check_parquet(path)
-        return True
-    except (OSError, ParquetError):
-        return False
+    return _is_valid(path, check_parquet)
 
 
 def download_fineweb(num_shards: int, workers: int = 8, url: str | None = None, retries: int = 5,

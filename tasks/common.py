@@ -10,6 +10,7 @@ keys; render_conversation ignores them.
 
 import bisect
 import fcntl
+import functools
 import gzip
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from common import UserError, atomic_path, atomic_write, get_base_dir, print0
+from common import UserError, atomic_write, get_base_dir, print0
 
 # ---------------------------------------------------------------------------
 # Task base
@@ -385,42 +386,14 @@ def _reason(e):
 
 
 def _download(url, target: Path, what, hint):
-    """Fetch url into target atomically, resuming a dropped transfer with a Range request
-    and checking the size against Content-Length and that the result is a parquet file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """One parquet file of a split, through dataset.download_file: resumed after a dropped
+    transfer, retried, size-checked, read back as parquet, renamed into place."""
+    from dataset import DownloadError, check_parquet, download_file
 
-    with atomic_path(target) as tmp:
-        for attempt in range(RETRIES):
-            have = tmp.stat().st_size
-            headers = {**_headers(), **({"Range": f"bytes={have}-"} if have else {})}
-            try:
-                with requests.get(url, stream=True, timeout=TIMEOUT, headers=headers) as r:
-                    if r.status_code not in (200, 206):
-                        if r.status_code < 500 and r.status_code != 429:
-                            _fail(what, f"{url} answered HTTP {r.status_code}", hint)
-                        raise IOError(f"HTTP {r.status_code}")
-                    resumed = r.status_code == 206
-                    expected = _expected_size(r, have if resumed else 0)
-                    with open(tmp, "ab" if resumed else "wb") as f:
-                        for chunk in r.iter_content(1 << 16):
-                            f.write(chunk)
-                size = tmp.stat().st_size
-                if expected is not None and size != expected:
-                    raise IOError(f"got {size} of {expected} bytes")
-                pq.read_metadata(tmp)  # a truncated or garbled file fails here
-                return
-            except (requests.RequestException, OSError, pa.ArrowException) as e:
-                if isinstance(e, pa.ArrowException):
-                    tmp.write_bytes(b"")  # complete but not parquet: start over rather than resume
-                if attempt == RETRIES - 1:
-                    _fail(what, f"downloading {url} failed after {RETRIES} tries ({_reason(e)}: {e})", hint)
-                time.sleep(RETRY_BACKOFF * 2 ** attempt)
-
-
-def _expected_size(r, offset):
-    total = r.headers.get("Content-Range", "").rpartition("/")[2]
-    if total.isdigit():
-        return int(total)
-    length = r.headers.get("Content-Length")
-    return offset + int(length) if length and length.isdigit() and "Content-Encoding" not in r.headers else None
+    try:
+        download_file(url, target, retries=RETRIES - 1, backoff=RETRY_BACKOFF, timeout=TIMEOUT[1],
+                      validate=functools.partial(check_parquet, column=None), headers=_headers())
+    except DownloadError as e:
+        if e.attempts is None:  # a permanent error (HTTP 4xx), not retried
+            _fail(what, f"downloading {url}: {e.reason}", hint)
+        _fail(what, f"downloading {url} failed after {e.attempts} tries ({e.reason})", hint)
