@@ -502,10 +502,12 @@ def fineweb_url(url: str | None = None) -> str:
     return (url or os.environ.get("SPEEDCHAT_FINEWEB_URL") or FINEWEB_URL).rstrip("/")
 
 
-def _short_reason(e: Exception) -> str:
+def network_reason(e: Exception) -> str:
+    """A few words for why a request failed (the exception's own text is a page long)."""
     text = str(e)
     for needle, reason in (("Name or service not known", "DNS lookup failed"), ("Failed to resolve", "DNS lookup failed"),
-                           ("Connection refused", "connection refused"), ("Network is unreachable", "network unreachable")):
+                           ("Connection refused", "connection refused"), ("Network is unreachable", "network unreachable"),
+                           ("No route to host", "no route to host")):
         if needle in text:
             return reason
     return "timed out" if "timed out" in text.lower() else type(e).__name__
@@ -519,7 +521,7 @@ def probe(url: str, timeout: float = 5.0):
     try:
         r = requests.head(url, timeout=(timeout, timeout), allow_redirects=True)
     except requests.RequestException as e:
-        raise UserError(f"cannot reach {host} ({_short_reason(e)}); offline? {OFFLINE_HINT}")
+        raise UserError(f"cannot reach {host} ({network_reason(e)}); offline? {OFFLINE_HINT}")
     if r.status_code in (401, 403, 404, 410):
         raise UserError(f"{url} answered HTTP {r.status_code}: check --url / SPEEDCHAT_FINEWEB_URL")
 
@@ -615,7 +617,7 @@ def _download_locked(url, path, retries, backoff, timeout, validate, headers):
             continue
         os.replace(part, path)
         return path
-    reason = _short_reason(error) if isinstance(error, requests.RequestException) else str(error)
+    reason = network_reason(error) if isinstance(error, requests.RequestException) else str(error)
     raise DownloadError(f"{path.name}: {reason} (after {retries + 1} attempts)", reason, retries + 1)
 
 

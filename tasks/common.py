@@ -23,6 +23,7 @@ import numpy as np
 import requests
 
 from common import UserError, atomic_write, get_base_dir, print0
+from dataset import DownloadError, check_parquet, download_file, network_reason
 
 # ---------------------------------------------------------------------------
 # Task base
@@ -349,10 +350,10 @@ def _fetch_file_list(url, what, hint):
         except requests.ConnectionError as e:
             if isinstance(e, requests.ConnectTimeout) or attempt == RETRIES - 1 or not _transient(e):
                 # no route / no DNS / refused: we are offline, say so at once
-                _fail(what, f"cannot reach {url.split('/api/')[0]} ({_reason(e)})", hint)
+                _fail(what, f"cannot reach {url.split('/api/')[0]} ({network_reason(e)})", hint)
         except requests.Timeout as e:
             if attempt == RETRIES - 1:
-                _fail(what, f"{url} timed out ({_reason(e)})", hint)
+                _fail(what, f"{url} timed out ({network_reason(e)})", hint)
         else:
             if r.status_code == 200:
                 try:
@@ -376,20 +377,9 @@ def _transient(e):
                                        "Failed to resolve", "Network is unreachable", "No route to host"))
 
 
-def _reason(e):
-    text = str(e)
-    for marker in ("Failed to resolve", "Connection refused", "Network is unreachable", "No route to host",
-                   "timed out", "Read timed out"):
-        if marker in text:
-            return marker.lower()
-    return type(e).__name__
-
-
 def _download(url, target: Path, what, hint):
     """One parquet file of a split, through dataset.download_file: resumed after a dropped
     transfer, retried, size-checked, read back as parquet, renamed into place."""
-    from dataset import DownloadError, check_parquet, download_file
-
     try:
         download_file(url, target, retries=RETRIES - 1, backoff=RETRY_BACKOFF, timeout=TIMEOUT[1],
                       validate=functools.partial(check_parquet, column=None), headers=_headers())
