@@ -160,10 +160,13 @@ def orthogonalize(G, steps=5):
     if tall:  # iterate on the smaller Gram matrix
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
+    batched = X.dim() == 3
+    X = X if batched else X.unsqueeze(0)
+    for _ in range(steps):  # baddbmm: the scale-and-add rides in the matmul's epilogue
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b * A + c * A @ A
+        X = torch.baddbmm(X, B, X, beta=a)  # a * X + B @ X
+    X = X if batched else X.squeeze(0)
     return X.mT if tall else X
 
 
