@@ -19,6 +19,7 @@ over the first 300 steps.
 
 Defaults for the device: CUDA -> bf16 autocast (SM80+), torch.compile, source fineweb-edu;
 otherwise fp32, no compile, source stdlib-docs (the offline corpus every machine has).
+--fp8 runs the blocks' matmuls in float8 (fp8.py; SM89+ GPUs such as the H100, or CPU for tests).
 SPEEDCHAT_DTYPE may force bfloat16 or float32; float16 is refused (it would need a gradient scaler).
 
 Checkpoints go to $SPEEDCHAT_BASE_DIR/checkpoints/base/<--model-tag, default d<depth>>/ every
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+from fp8 import convert_to_fp8, fp8_supported
 from common import (UserError, autodetect_device, compute_cleanup, compute_init, format_seconds, get_dtype,
                     init_wandb, print0, run_main)
 
@@ -61,6 +63,10 @@ def get_args(argv=None):
                    help="torch.compile the model (default: on for CUDA, off otherwise)")
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
     g.add_argument("--seed", type=int, default=42, help="random seed (model init)")
+    g.add_argument("--fp8", action="store_true",
+                   help="run the transformer blocks' matmuls (attention and MLP) in float8 with dynamic "
+                        "tensorwise scaling (fp8.py; embedding and lm_head stay in the training dtype); needs a GPU of compute "
+                        "capability 8.9+ (H100, L4, RTX 4090), or CPU (slow, for tests)")
     g = p.add_argument_group("data")
     g.add_argument("--source", default="", help="pretraining source: fineweb-edu | stdlib-docs | dir:PATH "
                    "('' = fineweb-edu on CUDA, stdlib-docs otherwise)")
@@ -277,6 +283,10 @@ def train(args, ddp, rank, world_size, device):
     dtype = training_dtype(device.type)
     autocast = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    if args.fp8:
+        ok, reason = fp8_supported(device)
+        if not ok:
+            raise UserError(f"--fp8: {reason}: train without --fp8")
     source = args.source or ("fineweb-edu" if device.type == "cuda" else "stdlib-docs")
     tag = args.model_tag or f"d{args.depth}"
     ckpt_dir = checkpoint.checkpoint_dir("base", tag)
@@ -298,6 +308,8 @@ def train(args, ddp, rank, world_size, device):
     with torch.device(device):
         orig_model = GPT(config)
     orig_model.init_weights()
+    if args.fp8:  # before torch.compile; the parameters stay the same objects
+        print0(f"fp8: {convert_to_fp8(orig_model)} linear layers of the blocks compute in float8")
     num_params = orig_model.num_params()["total"]
     flops_per_token = orig_model.estimate_flops()
     total_batch_size, grad_accum = derive_batch(args.device_batch_size, args.max_seq_len,
@@ -318,7 +330,8 @@ def train(args, ddp, rank, world_size, device):
     print0(f"batch: {total_batch_size:,} tokens/step = {args.device_batch_size} x {args.max_seq_len} x "
            f"{world_size} processes x {grad_accum} accumulation | steps: {num_iterations:,} | "
            f"tokens: {total_batch_size * num_iterations:,} ({total_batch_size * num_iterations / num_params:.1f}/param)")
-    print0(f"device: {device} | dtype: {dtype} | compile: {use_compile} | source: {source}")
+    print0(f"device: {device} | dtype: {dtype} | fp8: {'on' if args.fp8 else 'off'} | compile: {use_compile} | "
+           f"source: {source}")
 
     train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", source=source,
                               device=device, rank=rank, world_size=world_size)
@@ -338,6 +351,9 @@ def train(args, ddp, rank, world_size, device):
         if meta.get("world_size", 1) != world_size:
             raise UserError(f"--resume: the checkpoint was written by {meta.get('world_size')} processes, this run "
                             f"has {world_size}: resume with the same number")
+        if meta.get("train_config", {}).get("fp8", False) != args.fp8:  # allowed: the weights are the same
+            print0(f"note: the checkpoint was trained with fp8 {'off' if args.fp8 else 'on'}, "
+                   f"this run continues with it {'on' if args.fp8 else 'off'}")
         orig_model.load_state_dict(model_state, strict=True)
         for opt, state in zip(optimizers, optim_states, strict=True):
             opt.load_state_dict(state)
@@ -484,6 +500,7 @@ def train(args, ddp, rank, world_size, device):
             "MFU": f"{100 * mfu_total:.2f}%" if mfu_total is not None else "n/a",
             "device": f"{world_size} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}",
             "dtype": str(dtype).replace("torch.", ""),
+            "fp8": "on" if args.fp8 else "off",
             "source": source,
             "min validation bpb": f"{min_val_bpb:.4f}",
             "final validation bpb": f"{val_bpb:.4f}",
