@@ -13,14 +13,22 @@ Tool use: when a row writes <|python_start|> expr <|python_end|>, the expression
 `calculator` (a tiny ast interpreter: arithmetic and a few string methods, nothing else) and
 <|output_start|> result <|output_end|> is forced into that row, token by token. Forced tokens are
 not sampled and are reported with mask 0 (sampled tokens have mask 1).
+
+Decode steps (Engine(decode=...)): on CUDA each step is GPT.decode_step, a fixed-shape step over a
+preallocated cache, captured once per attention window as a CUDA graph and replayed (batch-1
+decoding is otherwise bound by launching several hundred small kernels per token); elsewhere the
+plain model(ids, kv_cache=cache). In the static modes the engine launches step t+1 on the sampled
+tokens before it copies them to the host (except in steps where a tool forces a token), so the GPU
+does not wait for the host's bookkeeping between tokens.
 """
 
 import ast
+import copy
 import math
-import contextlib
-from collections import deque
+from collections import OrderedDict, deque
 
 import torch
+import torch.nn as nn
 
 from common import get_dtype
 from model import KVCache
@@ -214,12 +222,130 @@ class _Row:
 
 
 MAX_PYTHON_TOKENS = 256  # a longer tool call is not a calculator expression: ignore it
+DECODE_MODES = ("auto", "eager", "static", "graph")
+MIN_WINDOW = 64          # the smallest attention window of a static decode step (cache positions read)
+GRAPH_WARMUP_STEPS = 3   # eager runs on a side stream before a capture (lazy cuBLAS/attention setup)
+MAX_DECODERS = 4         # static decoders (a KV cache and its graphs) an Engine keeps, least recently used dropped
+
+
+def next_pow2(n):
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class StaticDecoder:
+    """Decode steps with fixed shapes over one preallocated KV cache (`batch` rows, `seq_len`
+    positions, a power of two), through GPT.decode_step. The attention window of a step is the
+    next power of two above its position (at least MIN_WINDOW), so a whole reply runs through a
+    handful of shapes. With graphs=True (CUDA) each window's step is captured once as a CUDA
+    graph and then replayed: one launch per token instead of several hundred kernel launches,
+    which is what batch-1 decoding is bound by. The graphs read the static inputs self.idx and
+    self.pos and write the logits into one static output tensor per window.
+
+    A step writes its keys/values at its position, over whatever was there: a kept decoder's cache
+    needs no clearing, as positions past the step's are masked."""
+
+    def __init__(self, model, batch, seq_len, dtype, graphs, compiled=False):
+        cfg = model.config
+        device = next(model.parameters()).device
+        self.model, self.use_graphs = model, graphs
+        # compiled: inductor fuses the step's elementwise work (rotary, norms, residual adds, relu^2)
+        # into a few kernels per layer; one compilation per (batch, window) shape
+        self.decode_step = model.decode_step
+        if compiled:
+            self.decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+        self.cache = KVCache(batch, cfg.n_kv_head, seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer, device, dtype)
+        self.idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graphs = {}   # window -> (torch.cuda.CUDAGraph, the logits tensor it writes)
+        self.pool = None   # one memory pool for all of this decoder's graphs: they never run at once
+        self.busy = False  # a generate() call is using the cache
+
+    def window(self, pos):
+        return min(max(next_pow2(pos + 1), MIN_WINDOW), self.cache.seq_len)
+
+    def fits(self, pos):
+        return pos < self.cache.seq_len
+
+    def step(self, ids, pos):
+        """Logits (B, V) for the tokens ids (B,) or (B, 1) at cache position pos (a Python int,
+        pos < seq_len); their keys/values are written at pos. With graphs the logits tensor is
+        the graph's output: it is overwritten by the next step, so use it before that."""
+        self.idx.copy_(ids.view(-1, 1))
+        self.pos.fill_(pos)  # a tiny kernel with pos as its argument: no host-to-device copy, no sync
+        window = self.window(pos)
+        if not self.use_graphs:
+            return self.decode_step(self.idx, self.cache, self.pos, window)
+        if window not in self.graphs:
+            self._capture(window)
+        graph, logits = self.graphs[window]
+        graph.replay()
+        return logits
+
+    def _capture(self, window):
+        """Warm up on a side stream, then capture, as the PyTorch CUDA-graph docs prescribe. The
+        warm-up steps really run: they write this position's keys/values from self.idx, exactly
+        what the replay that follows writes again (a compiled step compiles in the first one).
+        thread_local capture: chat_web decodes on one thread per GPU, and another thread's
+        allocations must not break this capture."""
+        device = self.cache.k.device
+        decode = lambda: self.decode_step(self.idx, self.cache, self.pos, window)
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP_STEPS):
+                    decode()
+            torch.cuda.current_stream().wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                logits = decode()
+        self.graphs[window] = (graph, logits)
+
+
+class _ColumnReader:
+    """Brings each sampled column to the host without waiting for GPU work queued after it
+    (a non-blocking copy into pinned memory, then an event), so the next step can be launched
+    before the host looks at the column. On CPU: a plain copy."""
+
+    def __init__(self, batch, device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(batch, dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def start(self, sampled):
+        self.host.copy_(sampled, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record(torch.cuda.current_stream(self.device))
+
+    def wait(self):
+        if self.cuda:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 class Engine:
-    def __init__(self, model, tokenizer):
+    """Generation from a GPT (see the module docstring). decode: how the per-token steps run.
+      "eager"  model(ids, kv_cache=cache): shapes that change at every token (the reference);
+      "static" model.decode_step over a preallocated cache, attention over a window bucket: fixed
+               shapes and the same math (on CPU, how the tests run the graph path's code);
+      "graph"  "static" captured as CUDA graphs, one per window, replayed (CUDA only);
+      "auto"   "graph" on CUDA, "eager" elsewhere.
+    compile_decode: torch.compile the static step ("static"/"graph" only): a few fused kernels per
+      layer instead of ~30 (a graph replays every kernel, so their number bounds batch-1 speed);
+      each new (batch, window) shape costs a compilation, tens of seconds at d20.
+    The static modes keep their caches and graphs for the next generate() call (MAX_DECODERS of
+    them, keyed by batch and cache length): capturing costs a few eager steps per window, about
+    what the first reply's first tokens cost, and chat_web would otherwise pay it per request."""
+
+    def __init__(self, model, tokenizer, decode="auto", compile_decode=False):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
         self.model = model
         self.tokenizer = tokenizer
+        self.decode, self.compile_decode = decode, compile_decode
         special = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
         self.assistant_end = special("<|assistant_end|>")
@@ -228,30 +354,88 @@ class Engine:
         self.output_start = special("<|output_start|>")
         self.output_end = special("<|output_end|>")
         self.stop_tokens = {self.assistant_end, self.bos}
+        self._decoders = OrderedDict()  # (batch, cache length, graphs) -> StaticDecoder
+        self._weights = None            # where the model's weights were: see _runner
+        self._copy, self._copy_versions = None, None
 
     def _device(self):
         return next(self.model.parameters()).device
 
     def _compute_dtype(self):
-        """fp32 weights on a bf16-capable GPU run under autocast; the cache holds k/v in the
-        dtype attention computes in (a mismatch would cast the whole cache every step)."""
+        """bf16 on a bf16-capable GPU (also for an fp32 model: see _runner), else the weights'
+        dtype. The cache holds k/v in this dtype."""
         param = next(self.model.parameters())
         if param.device.type == "cuda" and param.dtype == torch.float32:
             return get_dtype("cuda")
         return param.dtype
 
-    def _autocast(self):
-        param = next(self.model.parameters())
+    def _runner(self):
+        """The module that computes: the model itself, or, for float32 weights on a GPU that
+        computes in bf16, a bf16 copy of it. Autocast instead would cast every weight on every
+        forward (~2 GB read, 1 GB written per token at d20: about a millisecond, more than a
+        graphed decode step), and a CUDA graph cannot keep autocast's cast cache. The copy is made
+        once and refreshed in place (the graphs keep pointing at it) when the model's weights
+        change in place; if they move (.to(), a new tensor), copy and graphs are rebuilt."""
+        params = list(self.model.parameters())
+        where = [p.data_ptr() for p in params]
+        if where != self._weights:  # first call, or weights that moved: graphs would read stale memory
+            self._decoders.clear()
+            self._copy, self._weights = None, where
         dtype = self._compute_dtype()
-        if dtype != param.dtype:
-            return torch.autocast(param.device.type, dtype=dtype)
-        return contextlib.nullcontext()
+        if all(p.dtype == dtype for p in params):
+            return self.model
+        versions = [p._version for p in params]  # bumped by every in-place write (optimizer, load_state_dict)
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable in any mode
+            if self._copy is None:
+                memo = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in params}
+                self._copy = copy.deepcopy(self.model, memo)  # the modules, with cast weights
+            elif versions != self._copy_versions:
+                for source, target in zip(params, self._copy.parameters()):
+                    target.copy_(source)
+        self._copy_versions = versions
+        return self._copy
 
-    def _forward(self, ids, cache, autocast):
+    def _decode_mode(self, device):
+        mode = self.decode
+        if mode == "auto":
+            mode = "graph" if device.type == "cuda" else "eager"
+        if mode == "graph" and device.type != "cuda":
+            raise ValueError("decode='graph' needs the model on a CUDA device (use 'static' elsewhere)")
+        if mode == "eager" and self.compile_decode:
+            raise ValueError(f"compile_decode compiles the static decode step: use decode='static' or 'graph' "
+                             f"(decode={self.decode!r} runs {mode} on {device.type})")
+        return mode
+
+    def _take_decoder(self, runner, batch, room, graphs):
+        """A static decoder with a cache of at least `room` positions (rounded up to a power of
+        two, so that replies of similar lengths share one): the kept one, or a new one. One in use
+        by another live generate() is not shared: this call gets a private one."""
+        seq_len = max(next_pow2(room), MIN_WINDOW)
+        key = (batch, seq_len, graphs)
+        decoder = self._decoders.get(key)
+        if decoder is None or decoder.busy:
+            fresh = StaticDecoder(runner, batch, seq_len, self._compute_dtype(), graphs, self.compile_decode)
+            if decoder is None:
+                self._decoders[key] = fresh
+                while len(self._decoders) > MAX_DECODERS:
+                    self._decoders.popitem(last=False)
+            decoder = fresh
+        if self._decoders.get(key) is decoder:
+            self._decoders.move_to_end(key)
+        decoder.busy = True
+        return decoder
+
+    def _drop_decoder(self, decoder):
+        for key, kept in list(self._decoders.items()):
+            if kept is decoder:
+                del self._decoders[key]
+
+    def _forward(self, model, ids, cache):
         """Last-position logits (B, V) for ids (B, t) at positions cache.pos .. cache.pos + t."""
-        with autocast:
-            last = torch.full((ids.size(0),), ids.size(1) - 1, dtype=torch.long, device=ids.device)
-            return self.model(ids, kv_cache=cache, positions=last)
+        if ids.size(1) == 1:
+            return model(ids, kv_cache=cache)[:, -1]
+        last = torch.full((ids.size(0),), ids.size(1) - 1, dtype=torch.long, device=ids.device)
+        return model(ids, kv_cache=cache, positions=last)
 
     def _new_cache(self, batch_size, seq_len):
         cfg = self.model.config
@@ -275,6 +459,8 @@ class Engine:
         assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "tokens: a non-empty list of ids"
         assert num_samples >= 1, "num_samples must be at least 1"
         device = self._device()
+        mode = self._decode_mode(device)
+        runner = self._runner()
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
         if max_tokens is None:
@@ -282,37 +468,66 @@ class Engine:
         if max_tokens <= 0:
             return
 
-        # 1) prefill the prompt once, batch 1; 2) copy its cache into one row per sample
-        # (one sample decodes straight from the prefill cache). The cache is sized for the whole
-        # reply, up to one context's worth; past that it grows by doubling.
+        # The cache is sized for the whole reply, up to one context's worth; past that the eager
+        # path grows it by doubling (the static path hands over to the eager one when it is full).
         room = len(tokens) + min(max_tokens, self.model.config.sequence_len)
-        cache = self._new_cache(1, room if num_samples == 1 else len(tokens))
-        autocast = self._autocast()
-        logits = self._forward(torch.tensor([tokens], dtype=torch.long, device=device), cache, autocast)
-        if num_samples > 1:
-            prefill_cache, cache = cache, self._new_cache(num_samples, room)
-            cache.prefill_from(prefill_cache)
-            del prefill_cache
-            logits = logits.expand(num_samples, -1)
+        decoder = None if mode == "eager" else self._take_decoder(runner, num_samples, room, mode == "graph")
+        held = decoder
+        try:
+            # 1) prefill the prompt once, batch 1; 2) copy its cache into one row per sample
+            # (one sample decodes straight from the prefill cache)
+            if num_samples == 1 and decoder is not None:
+                cache = decoder.cache
+                cache.reset()
+            else:
+                cache = self._new_cache(1, room if num_samples == 1 else len(tokens))
+            logits = self._forward(runner, torch.tensor([tokens], dtype=torch.long, device=device), cache)
+            if num_samples > 1:
+                prefill_cache = cache
+                cache = decoder.cache if decoder is not None else self._new_cache(num_samples, room)
+                cache.prefill_from(prefill_cache)
+                del prefill_cache
+                logits = logits.expand(num_samples, -1)
 
-        rows = [_Row() for _ in range(num_samples)]
-        for step in range(max_tokens):
+            rows = [_Row() for _ in range(num_samples)]
+            reader = _ColumnReader(num_samples, device)
+            pos = len(tokens)  # the cache position of the next token fed to the model
             sampled = sample_next(logits, generator, temperature, top_k, top_p)
-            column = sampled.tolist()  # the one host sync per step: stops and tool calls need it
-            masks = [1] * num_samples
-            any_forced = False
-            for i, row in enumerate(rows):
-                if row.forced:
-                    column[i] = row.forced.popleft()
-                    masks[i] = 0
-                    any_forced = True
-                self._track(row, column[i])
-            yield column, masks
-            if all(row.done for row in rows) or step == max_tokens - 1:
-                return
-            # feed the column back; reuse the device tensor unless a row was overridden
-            ids = torch.tensor(column, dtype=torch.long, device=device) if any_forced else sampled
-            logits = self._forward(ids.view(num_samples, 1), cache, autocast)
+            for step in range(max_tokens):
+                last_step = step == max_tokens - 1
+                if decoder is not None and not decoder.fits(pos):  # full: the eager path grows the cache
+                    self._drop_decoder(decoder)  # its graphs point at the cache about to be replaced
+                    decoder, cache.pos = None, pos
+                reader.start(sampled)
+                ahead = None
+                if decoder is not None and not last_step and not any(row.forced for row in rows):
+                    # run the next step on the sampled tokens now, so the GPU computes while the host
+                    # reads the column (the one sync per step: stops and tool calls need it); unless
+                    # a tool forces a token into this column: then the sampled tokens are not the input
+                    ahead = decoder.step(sampled, pos)
+                column = reader.wait()
+                masks = [1] * num_samples
+                any_forced = False
+                for i, row in enumerate(rows):
+                    if row.forced:
+                        column[i] = row.forced.popleft()
+                        masks[i] = 0
+                        any_forced = True
+                    self._track(row, column[i])
+                yield column, masks
+                if all(row.done for row in rows) or last_step:
+                    return
+                # feed the column back; reuse the device tensor unless a row was overridden
+                ids = torch.tensor(column, dtype=torch.long, device=device) if any_forced else sampled
+                if decoder is None:
+                    logits = self._forward(runner, ids.view(num_samples, 1), cache)
+                else:
+                    logits = ahead if ahead is not None else decoder.step(ids, pos)
+                pos += 1
+                sampled = sample_next(logits, generator, temperature, top_k, top_p)
+        finally:
+            if held is not None:
+                held.busy = False
 
     def _track(self, row, token):
         """Update a row's state after it emits `token`."""

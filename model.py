@@ -8,6 +8,10 @@
 - logits soft-capped at 15 * tanh(logits / 15), computed in float32; the eager loss runs the
   lm_head in checkpointed chunks of rows, so the (B*T, vocab) float32 logits never exist at once
 - vocab padded to a multiple of 64 for fast matmuls; logits are sliced back to the real vocab
+- two ways to run with a KV cache: forward(idx, kv_cache=cache), any number of tokens at the
+  cache's Python-int position (prefill, and the eager decode loop), and decode_step(), one token
+  per row at a position held in a device tensor, with shapes that do not change from token to
+  token, so that a CUDA graph can capture it (engine.py replays it for every generated token)
 """
 
 from dataclasses import dataclass
@@ -80,9 +84,11 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def attention(q, k, v):
+def attention(q, k, v, mask=None):
     """Causal attention for queries q (B, H, Tq, D) that sit at the LAST Tq positions of the
-    keys/values k, v (B, Hkv, Tk, D), i.e. at positions Tk - Tq .. Tk - 1."""
+    keys/values k, v (B, Hkv, Tk, D), i.e. at positions Tk - Tq .. Tk - 1. Or, given `mask`
+    (additive, broadcastable to (B, H, Tq, Tk): 0 where a query may look, -inf elsewhere),
+    attention with exactly that mask (the static decode step: keys past its position are masked)."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = {}
     if k.size(1) != q.size(1):
@@ -91,6 +97,8 @@ def attention(q, k, v):
         else:
             repeats = q.size(1) // k.size(1)
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), **gqa)
     if Tq == Tk:  # training, or a prefill into an empty cache: plain causal (flash kernels)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
     if Tq == 1:  # one new token sees every key
@@ -111,6 +119,10 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        # (layer, row, head) indices for write_at, made once rather than at every step
+        self.layer_ids = torch.arange(num_layers, device=device)
+        self.row_ids = torch.arange(batch_size, device=device).view(-1, 1, 1)
+        self.head_ids = torch.arange(num_kv_heads, device=device).view(1, -1, 1)
 
     @property
     def batch_size(self):
@@ -132,6 +144,18 @@ class KVCache:
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def write_at(self, layer, pos, k, v, length):
+        """The static-shape twin of insert() for GPT.decode_step: write k, v (B, Hkv, 1, D) at the
+        position held in `pos`, a (1,) LongTensor on the cache's device (no Python int, no host
+        sync: a CUDA graph can replay it at every position), and return that layer's keys and values
+        for positions 0 .. length - 1 (views; the caller masks those past pos). Never grows, never
+        moves self.pos. It indexes the whole cache tensor, not a view of the layer: torch.compile
+        then writes in place (through a view, inductor copies the whole cache back every step)."""
+        index = (self.layer_ids[layer:layer + 1], self.row_ids, self.head_ids, pos)  # -> (B, Hkv, 1)
+        self.k.index_put_(index, k.to(self.k.dtype))
+        self.v.index_put_(index, v.to(self.v.dtype))
+        return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
     def advance(self, t):
         self.pos += t
@@ -184,7 +208,8 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache):
+    def qkv(self, x, cos, sin):
+        """Queries, keys and values (B, heads, T, head_dim) of x (B, T, C): rotary, then QK-norm."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -192,13 +217,21 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         # CUDA autocast runs rms_norm in float32 (torch >= 2.12): back to the dtype v has, the
         # one attention computes in (no-op without autocast)
-        dtype = v.dtype
-        q, k = q.to(dtype), k.to(dtype)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if kv_cache is not None:
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, cos, sin, kv_cache, pos=None, mask=None):
+        """x (B, T, C). Without `pos`: positions kv_cache.pos .. + T (or 0 .. T - 1 with no cache),
+        causal. With `pos` and `mask` (GPT.decode_step): one token per row at the position held
+        in the tensor pos; attention reads the first mask.size(-1) cache positions, masked."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        if pos is not None:
+            k, v = kv_cache.write_at(self.layer_idx, pos, k, v, mask.size(-1))
+        elif kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
-            k, v = k.to(dtype), v.to(dtype)  # no-op unless the cache has another dtype
-        y = attention(q, k, v)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache has another dtype
+        y = attention(q, k, v) if mask is None else attention(q, k, v, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -218,8 +251,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache, pos=None, mask=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, pos, mask)
         return x + self.mlp(norm(x))
 
 
@@ -279,13 +312,10 @@ class GPT(nn.Module):
         t0 = 0 if kv_cache is None else kv_cache.pos
         if kv_cache is not None and kv_cache.batch_size != B:
             raise ValueError(f"batch of {B} sequences but the KVCache holds {kv_cache.batch_size}")
-        if t0 + T > self.cos.size(1) or self.cos.device != idx.device:
-            self._set_rotary(max(2 * (t0 + T), self.cos.size(1)), device=idx.device)
-        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
-
-        x = norm(self.wte(idx))
-        if torch.is_autocast_enabled(idx.device.type):  # wte is float32: keep the residual stream
-            x = x.to(torch.get_autocast_dtype(idx.device.type))  # in the autocast dtype, not float32
+        self._cover_rotary(t0 + T, idx.device)
+        x = self._embed(idx)
+        # cast once here, not in every layer's apply_rotary (the same values: q and k have x's dtype)
+        cos, sin = self.cos[:, t0:t0 + T].to(x.dtype), self.sin[:, t0:t0 + T].to(x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
         x = norm(x)
@@ -303,6 +333,47 @@ class GPT(nn.Module):
         if loss_reduction == "sum":
             return total
         return total / (flat_targets != -1).sum().clamp(min=1)
+
+    @torch.no_grad()
+    def decode_step(self, idx, kv_cache, pos, attend_len):
+        """The static-shape twin of forward(idx, kv_cache=kv_cache) for one new token per row,
+        made to be captured once in a CUDA graph and replayed at every position (engine.py):
+        no host sync, no Python int that changes from token to token, nothing allocated whose
+        size depends on the position.
+
+        idx (B, 1) token ids at the position held in `pos`, a (1,) LongTensor on the model's
+        device (the same position for every row). attend_len (a Python int, the shape-defining
+        "bucket"): attention reads cache positions 0 .. attend_len - 1 and masks those past pos;
+        the caller guarantees pos < attend_len <= kv_cache.seq_len (it cannot be checked here
+        without a host sync). The new keys/values are written into the cache at pos (the cache
+        never grows here) and kv_cache.pos is NOT advanced: the caller owns the position.
+        Returns float32 logits (B, vocab_size)."""
+        B = idx.size(0)
+        if idx.shape != (B, 1) or kv_cache.batch_size != B:
+            raise ValueError(f"decode_step: idx must be (batch, 1) for a KVCache of batch {kv_cache.batch_size}, "
+                             f"got {tuple(idx.shape)}")
+        if not 0 < attend_len <= kv_cache.seq_len:
+            raise ValueError(f"decode_step: attend_len {attend_len} outside 1 .. {kv_cache.seq_len} (the cache length)")
+        pos = pos.reshape(1)
+        self._cover_rotary(kv_cache.seq_len, idx.device)  # before any capture: then a no-op
+        x = self._embed(idx)
+        cos, sin = self.cos.index_select(1, pos).to(x.dtype), self.sin.index_select(1, pos).to(x.dtype)
+        hidden = torch.arange(attend_len, device=idx.device) > pos  # cache positions after pos
+        mask = torch.zeros(1, 1, 1, attend_len, dtype=x.dtype, device=idx.device).masked_fill_(hidden, float("-inf"))
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache, pos, mask)
+        return self._logits(norm(x[:, -1]))
+
+    def _embed(self, idx):
+        x = norm(self.wte(idx))
+        if torch.is_autocast_enabled(idx.device.type):  # wte is float32: keep the residual stream
+            x = x.to(torch.get_autocast_dtype(idx.device.type))  # in the autocast dtype, not float32
+        return x
+
+    def _cover_rotary(self, end, device):
+        """Make the rotary tables cover positions 0 .. end - 1 on `device`."""
+        if end > self.cos.size(1) or self.cos.device != device:
+            self._set_rotary(max(2 * end, self.cos.size(1)), device=device)
 
     def _logits(self, x):
         """float32 soft-capped logits over the real vocab for the final-normed x (..., n_embd)."""
