@@ -252,3 +252,45 @@ def test_loss_check_uses_the_mean_over_ranks(base_dir, monkeypatch):
 def test_bad_batch_flags_are_a_clear_error(base_dir):
     with pytest.raises(UserError, match="--total-batch-size 100 is not a multiple"):
         base_train.main(TINY + ["--total-batch-size", "100", "--num-iterations", "1"])
+
+
+# ---------------------------------------------------------------------------
+# CUDA only (run by bench/gpu_check.sh on a GPU machine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_cuda_training_step_has_no_host_sync(fp8):
+    """Forward, backward and both optimizers queue their kernels without waiting for the GPU: with
+    CUDA's sync debug mode set to "error", any .item(), host copy or data-dependent shape raises."""
+    from fp8 import convert_to_fp8, fp8_supported
+    from model import GPT, config_from_depth
+
+    if fp8 and not fp8_supported(torch.device("cuda"))[0]:
+        pytest.skip(fp8_supported(torch.device("cuda"))[1])
+    with torch.device("cuda"):
+        model = GPT(config_from_depth(2, 512, sequence_len=64, aspect_ratio=64, head_dim=32))
+    model.init_weights()
+    if fp8:
+        assert convert_to_fp8(model) > 0
+    optimizers = model.setup_optimizers()
+    x, y = torch.randint(0, 512, (2, 4, 64), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step()  # the first step creates the optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step() for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(math.isfinite(v) for v in torch.stack(losses).tolist())

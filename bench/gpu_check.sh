@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The GPU check: every stage of the pipeline at reduced scale on ONE GPU under torchrun, on local
+# data (no network), then the GPU benchmarks. Each part is one argument, so that the parts can be
+# run in separate calls when a machine is lent for a limited time:
+#
+#   bash bench/gpu_check.sh DATA OUT [tests] [pipeline] [train] [fp8] [infer]     (default: all five)
+#
+#   DATA  a folder laid out like ../shared/data: gutenberg/ (parquet shards; the last one is the
+#         validation split), core_eval_bundle/, gsm8k/train.jsonl, mmlu/, humaneval/, words/, chat/
+#   OUT   where each part writes its log (<part>.log) and the pipeline its report.md
+#
+#   tests     the tests marked gpu (CUDA graphs, fp8 and CUDA-only dataloader checks)
+#   pipeline  tokenizer -> base_train (d12, 300 steps) -> base_eval (CORE on the local bundle, bpb)
+#             -> mid_train -> chat_eval -> chat_sft -> chat_eval -> chat_cli -> report.md
+#   train     bench.train_bench at depth 20 (compiled and eager) and depth 26 (compiled)
+#   fp8       bench.train_bench --fp8 at depth 20, and base_train d12 for 300 steps with and
+#             without --fp8 on the same data: the validation bpb of both
+#   infer     bench.infer_bench at depth 20, batch 1 and 32
+#
+# PYTHON (default python3) must have torch and the project's dependencies, rustbpe included (a
+# wheel built with `maturin build --release -m rustbpe/Cargo.toml`). SCALE=tiny shrinks every size
+# so that the script itself can be checked on a CPU in a few minutes.
+set -euo pipefail
+[ $# -ge 2 ] || { sed -n '2,25p' "$0"; exit 2; }
+DATA=$(cd "$1" && pwd)
+mkdir -p "$2"
+OUT=$(cd "$2" && pwd)
+shift 2
+PARTS=${*:-tests pipeline train fp8 infer}
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RUN="$PY -m torch.distributed.run --standalone --nproc_per_node=1"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+export SPEEDCHAT_BASE_DIR=${SPEEDCHAT_BASE_DIR:-$(mktemp -d /tmp/speedchat_gpu_check.XXXX)}
+for needed in gutenberg core_eval_bundle gsm8k/train.jsonl mmlu/dev mmlu/val humaneval words chat/dummy_conversation.json; do
+    [ -e "$DATA/$needed" ] || { echo "error: $DATA/$needed is missing (see the top of $0)" >&2; exit 1; }
+done
+# The local MMLU has only dev and val CSVs: stand them in for the train split (auxiliary_train/) and
+# the test split. GSM8K's local copy is its train split only, so chat_eval's GSM8K score here is on
+# training problems. Both make the chat stages run on real formats: a smoke check, not a result.
+MMLU=$SPEEDCHAT_BASE_DIR/mmlu_stand_in
+mkdir -p "$MMLU/auxiliary_train" "$MMLU/test"
+cp "$DATA"/mmlu/dev/*.csv "$MMLU/auxiliary_train/" && cp "$DATA"/mmlu/val/*.csv "$MMLU/test/"
+CHAT_DATA="--gsm8k-path $DATA/gsm8k/train.jsonl --humaneval-path $(ls "$DATA"/humaneval/*.jsonl | head -1)
+           --words-path $(ls "$DATA"/words/* | head -1) --mmlu-path $MMLU
+           --smoltalk-path $DATA/chat/dummy_conversation.json"
+TASKS="MMLU,GSM8K,HumanEval,SpellingBee,Arithmetic"  # ARC has no local copy (it would need a download)
+
+if [ "${SCALE:-}" = tiny ]; then
+    VOCAB=4096 CHARS=5000000 TRAIN_BENCH="--head-dim 32 --vocab-size 4096 --seq-len 128 --device-batch-size 4 --steps 3 --warmup 1"
+    BASE="--depth 2 --head-dim 32 --max-seq-len 256 --device-batch-size 8 --total-batch-size -1 --num-iterations 30
+          --eval-every 15 --eval-tokens 8192 --sample-every -1 --save-every 15"
+    CHAT="--max-seq-len 256 --device-batch-size 8 --num-iterations 10"
+    EVAL="--max-problems 8 --max-new-tokens 32" CORE="--max-per-task 8 --split-tokens 8192"
+    INFER="--depth 2 --head-dim 32 --vocab-size 4096 --prompt-len 64 --gen-len 16 --batch-sizes 1,4 --repeats 1"
+    DEPTHS="2 3"
+else
+    VOCAB=32768 CHARS=60000000 TRAIN_BENCH=""
+    BASE="--depth 12 --device-batch-size 32 --total-batch-size 262144 --num-iterations 300 --eval-every 100
+          --eval-tokens 262144 --sample-every 300 --save-every 150"
+    CHAT="--device-batch-size 16 --num-iterations 100"
+    EVAL="--max-problems 200" CORE="--max-per-task 500 --split-tokens 262144"
+    INFER="--device cuda --batch-sizes 1,32"
+    DEPTHS="20 26"
+fi
+SOURCE="--source dir:$DATA/gutenberg"
+
+part() {  # part NAME CMD...: run CMD with its output in $OUT/NAME.log and on the terminal
+    local name=$1; shift
+    echo "== $name (log: $OUT/$name.log)"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    echo "== $name: $((SECONDS - t0))s"
+}
+
+tokenizer() {  # the pipeline's tokenizer, trained once per SPEEDCHAT_BASE_DIR
+    [ -f "$SPEEDCHAT_BASE_DIR/tokenizer/tokenizer.json" ] || $PY -m tokenizer.train $SOURCE --vocab-size $VOCAB --max-chars $CHARS
+}
+
+pipeline() {
+    set -x
+    tokenizer
+    $PY -m tokenizer.eval $SOURCE
+    $RUN -m base_train -- $BASE $SOURCE
+    $RUN -m base_eval -- --bundle "$DATA/core_eval_bundle" $CORE
+    $RUN -m mid_train -- --preset full $CHAT $CHAT_DATA
+    $RUN -m chat_eval -- --source mid --preset full --task-name $TASKS $EVAL $CHAT_DATA
+    $RUN -m chat_sft -- --preset offline $CHAT $CHAT_DATA  # full needs ARC, which has no local copy
+    $RUN -m chat_eval -- --source sft --preset full --task-name $TASKS $EVAL $CHAT_DATA
+    $PY -m chat_cli --prompt "What is 12 * 7? Use the calculator." --max-tokens 64
+    $PY -m report generate --out-dir "$OUT"
+    set +x
+}
+
+train() {
+    local depth eager=""
+    for depth in $DEPTHS; do  # the eager peer at the first depth only: it says what compile buys
+        $PY -m bench.train_bench --depth $depth $TRAIN_BENCH $eager
+        eager=--no-eager
+    done
+}
+
+fp8() {
+    local depth=${DEPTHS%% *}
+    $PY -m bench.train_bench --depth $depth $TRAIN_BENCH --no-eager --fp8
+    tokenizer
+    $RUN -m base_train -- $BASE $SOURCE --model-tag fp8-off
+    $RUN -m base_train -- $BASE $SOURCE --model-tag fp8-on --fp8
+}
+
+for p in $PARTS; do
+    case $p in
+        tests) part tests $PY -m pytest -q -m gpu $(grep -l 'mark.gpu' tests/test_*.py) ;;
+        pipeline) part pipeline pipeline ;;
+        train) part train train ;;
+        fp8) part fp8 fp8 ;;
+        infer) part infer $PY -m bench.infer_bench $INFER ;;
+        *) echo "error: unknown part '$p': use tests, pipeline, train, fp8, infer" >&2; exit 2 ;;
+    esac
+done
