@@ -25,6 +25,7 @@ does not wait for the host's bookkeeping between tokens.
 import ast
 import copy
 import math
+import threading
 from collections import OrderedDict, deque
 
 import torch
@@ -201,7 +202,10 @@ def sample_next(logits, generator, temperature=1.0, top_k=None, top_p=None):
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
         before = torch.cumsum(probs, dim=-1) - probs
         probs = probs.masked_fill(before >= top_p, 0.0)
-    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    # what torch.multinomial does for one sample (argmax of p / Exp(1) noise picks i with
+    # probability p_i), minus its two input checks, which each wait for the GPU
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    choice = (probs / noise).argmax(dim=-1, keepdim=True)
     return indices.gather(-1, choice).squeeze(-1)
 
 
@@ -225,6 +229,7 @@ MAX_PYTHON_TOKENS = 256  # a longer tool call is not a calculator expression: ig
 DECODE_MODES = ("auto", "eager", "static", "graph")
 MIN_WINDOW = 64          # the smallest attention window of a static decode step (cache positions read)
 GRAPH_WARMUP_STEPS = 3   # eager runs on a side stream before a capture (lazy cuBLAS/attention setup)
+CAPTURE_LOCK = threading.Lock()  # one CUDA-graph capture at a time in the process
 MAX_DECODERS = 4         # static decoders (a KV cache and its graphs) an Engine keeps, least recently used dropped
 
 
@@ -258,6 +263,7 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs = {}   # window -> (torch.cuda.CUDAGraph, the logits tensor it writes)
         self.pool = None   # one memory pool for all of this decoder's graphs: they never run at once
+        self.stream = None  # the stream its graphs are captured on (made at the first capture)
         self.busy = False  # a generate() call is using the cache
 
     def window(self, pos):
@@ -286,20 +292,22 @@ class StaticDecoder:
         warm-up steps really run: they write this position's keys/values from self.idx, exactly
         what the replay that follows writes again (a compiled step compiles in the first one).
         thread_local capture: chat_web decodes on one thread per GPU, and another thread's
-        allocations must not break this capture."""
+        allocations must not break this capture. The capture runs on this decoder's own stream
+        (torch.cuda.graph's default one is shared by the process and lives on the GPU that first
+        captured) and one capture at a time in the process, as PyTorch allows."""
         device = self.cache.k.device
         decode = lambda: self.decode_step(self.idx, self.cache, self.pos, window)
-        with torch.cuda.device(device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+        with CAPTURE_LOCK, torch.cuda.device(device):
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(device)
+                self.pool = torch.cuda.graph_pool_handle()
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self.stream):
                 for _ in range(GRAPH_WARMUP_STEPS):
                     decode()
-            torch.cuda.current_stream().wait_stream(side)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
+            torch.cuda.current_stream(device).wait_stream(self.stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                 logits = decode()
         self.graphs[window] = (graph, logits)
 

@@ -90,6 +90,13 @@ def attention(q, k, v, mask=None):
     (additive, broadcastable to (B, H, Tq, Tk): 0 where a query may look, -inf elsewhere),
     attention with exactly that mask (the static decode step: keys past its position are masked)."""
     Tq, Tk = q.size(2), k.size(2)
+    if mask is not None and Tq == 1 and k.size(1) != q.size(1):
+        # one query per head: the query heads that share a kv head become that head's query
+        # positions, so no enable_gqa is needed (the masked fast kernel lacks it: it would fall
+        # back to the math kernel); head h uses kv head h // groups, as repeat_interleave has it
+        B, H, _, D = q.shape
+        y = F.scaled_dot_product_attention(q.view(B, k.size(1), H // k.size(1), D), k, v, attn_mask=mask.to(q.dtype))
+        return y.view(B, H, 1, D)
     gqa = {}
     if k.size(1) != q.size(1):
         if SDPA_HAS_GQA:

@@ -158,6 +158,18 @@ def test_sample_next_support():
     assert sample_next(logits[:3], gen, 0.0).tolist() == [1, 1, 1]
 
 
+def test_sample_next_follows_the_softmax():
+    """Sampled frequencies match softmax(logits / temperature) (20k draws: each frequency within
+    ~4 standard errors), also when top-k renormalises over the kept tokens."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20_000, 1)
+    for temperature, top_k in ((1.0, None), (0.5, None), (1.0, 2)):
+        gen = torch.Generator().manual_seed(1)
+        freq = torch.bincount(sample_next(logits, gen, temperature, top_k=top_k), minlength=4).double() / 20_000
+        kept = logits[0] if top_k is None else torch.tensor([2.0, 1.0, -float("inf"), -float("inf")])
+        expect = torch.softmax(kept.double() / temperature, dim=-1)
+        assert (freq - expect).abs().max() < 4 * (0.25 / 20_000) ** 0.5 + 1e-9, (temperature, top_k, freq, expect)
+
+
 # ---------------------------------------------------------------------------
 # Tool use, stops and the token budget, with a model whose choices are scripted
 
