@@ -50,16 +50,17 @@ if [ "${SCALE:-}" = tiny ]; then
     VOCAB=4096 CHARS=5000000 TRAIN_BENCH="--head-dim 32 --vocab-size 4096 --seq-len 128 --device-batch-size 4 --steps 3 --warmup 1"
     BASE="--depth 2 --head-dim 32 --max-seq-len 256 --device-batch-size 8 --total-batch-size -1 --num-iterations 30
           --eval-every 15 --eval-tokens 8192 --sample-every -1 --save-every 15"
-    CHAT="--max-seq-len 256 --device-batch-size 8 --num-iterations 10"
+    CHAT="--max-seq-len 256 --device-batch-size 8 --num-iterations 10" MID=""
     EVAL="--max-problems 8 --max-new-tokens 32" CORE="--max-per-task 8 --split-tokens 8192"
     INFER="--depth 2 --head-dim 32 --vocab-size 4096 --prompt-len 64 --gen-len 16 --batch-sizes 1,4 --repeats 1"
     DEPTHS="2 3"
 else
     VOCAB=32768 CHARS=60000000 TRAIN_BENCH=""
-    BASE="--depth 12 --device-batch-size 32 --total-batch-size 262144 --num-iterations 300 --eval-every 100
-          --eval-tokens 262144 --sample-every 300 --save-every 150"
-    CHAT="--device-batch-size 16 --num-iterations 100"
-    EVAL="--max-problems 200" CORE="--max-per-task 500 --split-tokens 262144"
+    # sized so that each part takes well under 10 minutes on one H100 (d12: ~0.8 GFLOP/token)
+    BASE="--depth 12 --device-batch-size 32 --total-batch-size 131072 --num-iterations 150 --eval-every 50
+          --eval-tokens 262144 --sample-every 150 --save-every 75"
+    CHAT="--device-batch-size 16 --num-iterations 60" MID="--total-batch-size 131072"
+    EVAL="--max-problems 50 --max-new-tokens 128" CORE="--max-per-task 100 --split-tokens 262144"
     INFER="--device cuda --batch-sizes 1,32"
     DEPTHS="20 26"
 fi
@@ -69,9 +70,18 @@ part() {  # part NAME CMD...: run CMD with its output in $OUT/NAME.log and on th
     local name=$1; shift
     echo "== $name (log: $OUT/$name.log)"
     local t0=$SECONDS
-    "$@" 2>&1 | tee "$OUT/$name.log"
-    echo "== $name: $((SECONDS - t0))s"
+    set +e  # a failed part is reported and the others still run; inside it, the first error stops it
+    ( set -e; "$@" ) 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$rc" = 0 ]; then
+        echo "== $name: $((SECONDS - t0))s"
+    else
+        echo "== $name: FAILED (exit $rc) after $((SECONDS - t0))s"
+        FAILED="$FAILED $name"
+    fi
 }
+FAILED="" 
 
 tokenizer() {  # the pipeline's tokenizer, trained once per SPEEDCHAT_BASE_DIR
     [ -f "$SPEEDCHAT_BASE_DIR/tokenizer/tokenizer.json" ] || $PY -m tokenizer.train $SOURCE --vocab-size $VOCAB --max-chars $CHARS
@@ -83,7 +93,7 @@ pipeline() {
     $PY -m tokenizer.eval $SOURCE
     $RUN -m base_train -- $BASE $SOURCE
     $RUN -m base_eval -- --bundle "$DATA/core_eval_bundle" $CORE
-    $RUN -m mid_train -- --preset full $CHAT $CHAT_DATA
+    $RUN -m mid_train -- --preset full $CHAT $MID $CHAT_DATA
     $RUN -m chat_eval -- --source mid --preset full --task-name $TASKS $EVAL $CHAT_DATA
     $RUN -m chat_sft -- --preset offline $CHAT $CHAT_DATA  # full needs ARC, which has no local copy
     $RUN -m chat_eval -- --source sft --preset full --task-name $TASKS $EVAL $CHAT_DATA
@@ -93,11 +103,9 @@ pipeline() {
 }
 
 train() {
-    local depth eager=""
-    for depth in $DEPTHS; do  # the eager peer at the first depth only: it says what compile buys
-        $PY -m bench.train_bench --depth $depth $TRAIN_BENCH $eager
-        eager=--no-eager
-    done
+    local first=${DEPTHS%% *} second=${DEPTHS##* }
+    $PY -m bench.train_bench --depth $first $TRAIN_BENCH  # with the eager peer: what compile buys
+    $PY -m bench.train_bench --depth $second $TRAIN_BENCH --no-eager --device-batch-size 16  # d26: 32 rows may not fit
 }
 
 fp8() {
@@ -118,3 +126,4 @@ for p in $PARTS; do
         *) echo "error: unknown part '$p': use tests, pipeline, train, fp8, infer" >&2; exit 2 ;;
     esac
 done
+[ -z "$FAILED" ] || { echo "failed parts:$FAILED" >&2; exit 1; }

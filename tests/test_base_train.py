@@ -260,10 +260,12 @@ def test_bad_batch_flags_are_a_clear_error(base_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_cuda_training_step_has_no_host_sync(fp8):
+@pytest.mark.parametrize("fp8, compiled", [(False, False), (True, False), (False, True)],
+                         ids=["bf16", "fp8", "bf16-compiled"])
+def test_cuda_training_step_has_no_host_sync(fp8, compiled):
     """Forward, backward and both optimizers queue their kernels without waiting for the GPU: with
-    CUDA's sync debug mode set to "error", any .item(), host copy or data-dependent shape raises."""
+    CUDA's sync debug mode set to "error", any .item(), host copy or data-dependent shape raises.
+    Compiled as base_train runs it on CUDA too (the first step, which compiles, is not checked)."""
     from fp8 import convert_to_fp8, fp8_supported
     from model import GPT, config_from_depth
 
@@ -275,11 +277,12 @@ def test_cuda_training_step_has_no_host_sync(fp8):
     if fp8:
         assert convert_to_fp8(model) > 0
     optimizers = model.setup_optimizers()
+    step_model = torch.compile(model, dynamic=False) if compiled else model
     x, y = torch.randint(0, 512, (2, 4, 64), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(x, y)
+            loss = step_model(x, y)
         loss.backward()
         for opt in optimizers:
             opt.step()
