@@ -70,18 +70,20 @@ def norm(x):
 
 
 def rotary_tables(seq_len, head_dim, device=None):
-    """cos and sin, each (1, seq_len, 1, head_dim // 2) in float32."""
+    """cos and sin, each (1, seq_len, 1, head_dim) in float32. Dims i and i + head_dim/2 form a
+    pair rotated by the same angle, so each half holds the same head_dim/2 angles."""
     inv_freq = ROTARY_BASE ** -(torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate pairs (x[i], x[i + d/2]) of x (B, T, H, D) by position-dependent angles."""
+    """Rotate pairs (x[i], x[i + d/2]) of x (B, T, H, D) by position-dependent angles:
+    x * cos + (-x2, x1) * sin, four kernels when eager (a decode step launches this 2 x n_layer times)."""
     d = x.size(-1) // 2
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    rotated = torch.cat([-x[..., d:], x[..., :d]], dim=-1)
+    return torch.addcmul(x * cos.to(x.dtype), rotated, sin.to(x.dtype))
 
 
 def attention(q, k, v, mask=None):

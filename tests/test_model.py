@@ -392,3 +392,21 @@ def test_positions_returns_the_logits_of_those_positions_only():
     # the check tells positions apart: other positions of the same rows give other logits
     assert not torch.allclose(picked[1:], full[1:, -1], atol=1e-2)
     assert not torch.allclose(picked[2], full[2, 3], atol=1e-2)
+
+
+def test_rotary_encodes_relative_positions():
+    """Rotary: position 0 is the identity, norms are kept, and the score of a query at position m
+    with a key at position n depends only on m - n (the property attention relies on)."""
+    D = 16
+    cos, sin = model_module.rotary_tables(64, D)
+    q, k = torch.randn(2, 1, 1, 1, D, dtype=torch.float64).unbind(0)  # (B, T, H, D) = (1, 1, 1, D)
+
+    def at(x, pos):
+        return model_module.apply_rotary(x, cos[:, pos:pos + 1].double(), sin[:, pos:pos + 1].double())
+
+    assert_close(at(q, 0), q, atol=1e-12)
+    assert_close(at(q, 37).norm(), q.norm(), atol=1e-9)
+    score = lambda m, n: (at(q, m) * at(k, n)).sum()
+    for m, n, shift in ((5, 2, 30), (0, 9, 11), (40, 40, 3)):
+        assert_close(score(m, n), score(m + shift, n + shift), atol=1e-9)
+    assert (score(5, 2) - score(6, 2)).abs() > 1e-3  # but it does depend on the offset
