@@ -254,10 +254,12 @@ class StaticDecoder:
         device = next(model.parameters()).device
         self.model, self.use_graphs = model, graphs
         # compiled: inductor fuses the step's elementwise work (rotary, norms, residual adds, relu^2)
-        # into a few kernels per layer; one compilation per (batch, window) shape
+        # into a few kernels per layer. dynamic=None: the first window compiles for its exact size,
+        # the second recompiles with the size symbolic, and later windows and batches reuse that
+        # (a 4-window reply: 2 compilations instead of 4; each CUDA graph is still one window)
         self.decode_step = model.decode_step
         if compiled:
-            self.decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+            self.decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=None)
         self.cache = KVCache(batch, cfg.n_kv_head, seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer, device, dtype)
         self.idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
@@ -342,8 +344,8 @@ class Engine:
       "graph"  "static" captured as CUDA graphs, one per window, replayed (CUDA only);
       "auto"   "graph" on CUDA, "eager" elsewhere.
     compile_decode: torch.compile the static step ("static"/"graph" only): a few fused kernels per
-      layer instead of ~30 (a graph replays every kernel, so their number bounds batch-1 speed);
-      each new (batch, window) shape costs a compilation, tens of seconds at d20.
+      layer instead of ~25 (a graph replays every kernel, so their number bounds batch-1 speed);
+      two compilations (see StaticDecoder), probably tens of seconds each at d20.
     The static modes keep their caches and graphs for the next generate() call (MAX_DECODERS of
     them, keyed by batch and cache length): capturing costs a few eager steps per window, about
     what the first reply's first tokens cost, and chat_web would otherwise pay it per request."""

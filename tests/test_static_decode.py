@@ -392,6 +392,15 @@ def test_compiled_decode_step_traces_as_one_graph(monkeypatch, fresh_dynamo):
     assert len(graphs) == 1  # one window (64), one shape: traced once, every position replays it
     with pytest.raises(ValueError, match="compile_decode"):
         list(Engine(model, tok, compile_decode=True).generate(prompt, max_tokens=2))  # auto on CPU = eager
+    # a reply through windows 64, 128, 256 and then batch 1: the window size becomes symbolic at the
+    # second window, so nothing after it recompiles
+    graphs.clear()
+    model = random_gpt(sequence_len=512)
+    expected, _ = Engine(model, tok, decode="eager").generate_batch(prompt, 2, max_tokens=200, temperature=0.0)
+    engine = Engine(model, tok, decode="static", compile_decode=True)
+    assert engine.generate_batch(prompt, 2, max_tokens=200, temperature=0.0)[0] == expected
+    assert engine.generate_batch(prompt, 1, max_tokens=200, temperature=0.0)[0] == expected[:1]
+    assert len(graphs) <= 3, len(graphs)
 
 
 @pytest.mark.slow
