@@ -255,8 +255,9 @@ class StaticDecoder:
         self.model, self.use_graphs = model, graphs
         # compiled: inductor fuses the step's elementwise work (rotary, norms, residual adds, relu^2)
         # into a few kernels per layer. dynamic=None: the first window compiles for its exact size,
-        # the second recompiles with the size symbolic, and later windows and batches reuse that
-        # (a 4-window reply: 2 compilations instead of 4; each CUDA graph is still one window)
+        # the second recompiles with the size symbolic, and later windows reuse that: 2 compilations
+        # per batch size (a new batch size adds one; batch 1 always gets its own); each CUDA graph
+        # still holds one window
         self.decode_step = model.decode_step
         if compiled:
             self.decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=None)
@@ -266,6 +267,7 @@ class StaticDecoder:
         self.graphs = {}   # window -> (torch.cuda.CUDAGraph, the logits tensor it writes)
         self.pool = None   # one memory pool for all of this decoder's graphs: they never run at once
         self.stream = None  # the stream its graphs are captured on (made at the first capture)
+        self.tables = None  # the rotary table the graphs read (an eager forward may replace it)
         self.busy = False  # a generate() call is using the cache
 
     def window(self, pos):
@@ -283,6 +285,9 @@ class StaticDecoder:
         window = self.window(pos)
         if not self.use_graphs:
             return self.decode_step(self.idx, self.cache, self.pos, window)
+        if self.model.cos is not self.tables:  # a longer prompt grew the rotary tables: recapture
+            self.graphs.clear()
+            self.tables = self.model.cos
         if window not in self.graphs:
             self._capture(window)
         graph, logits = self.graphs[window]
@@ -345,7 +350,7 @@ class Engine:
       "auto"   "graph" on CUDA, "eager" elsewhere.
     compile_decode: torch.compile the static step ("static"/"graph" only): a few fused kernels per
       layer instead of ~25 (a graph replays every kernel, so their number bounds batch-1 speed);
-      two compilations (see StaticDecoder), probably tens of seconds each at d20.
+      about two compilations per batch size (see StaticDecoder), probably tens of seconds each at d20.
     The static modes keep their caches and graphs for the next generate() call (MAX_DECODERS of
     them, keyed by batch and cache length): capturing costs a few eager steps per window, about
     what the first reply's first tokens cost, and chat_web would otherwise pay it per request."""
@@ -385,7 +390,9 @@ class Engine:
         forward (~2 GB read, 1 GB written per token at d20: about a millisecond, more than a
         graphed decode step), and a CUDA graph cannot keep autocast's cast cache. The copy is made
         once and refreshed in place (the graphs keep pointing at it) when the model's weights
-        change in place; if they move (.to(), a new tensor), copy and graphs are rebuilt."""
+        change in place, as seen by each tensor's _version, which optimizer steps and
+        load_state_dict bump (a write through p.data does not, and is not seen); if the weights
+        move (.to(), a new tensor), copy and graphs are rebuilt."""
         params = list(self.model.parameters())
         where = [p.data_ptr() for p in params]
         if where != self._weights:  # first call, or weights that moved: graphs would read stale memory
@@ -440,6 +447,20 @@ class Engine:
             if kept is decoder:
                 del self._decoders[key]
 
+    def _prefill(self, runner, tokens, num_samples, room, decoder):
+        """(cache, logits (num_samples, V)): the prompt is run once, batch 1, and its keys/values
+        end up in every row of the decode cache (the decoder's, else a new one of `room` positions)."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=self._device())
+        if num_samples == 1:  # decode straight from the prefill cache
+            cache = decoder.cache if decoder is not None else self._new_cache(1, room)
+            cache.reset()
+            return cache, self._forward(runner, ids, cache)
+        prompt_cache = self._new_cache(1, len(tokens))
+        logits = self._forward(runner, ids, prompt_cache)
+        cache = decoder.cache if decoder is not None else self._new_cache(num_samples, room)
+        cache.prefill_from(prompt_cache)
+        return cache, logits.expand(num_samples, -1)
+
     def _forward(self, model, ids, cache):
         """Last-position logits (B, V) for ids (B, t) at positions cache.pos .. cache.pos + t."""
         if ids.size(1) == 1:
@@ -480,34 +501,21 @@ class Engine:
 
         # The cache is sized for the whole reply, up to one context's worth; past that the eager
         # path grows it by doubling (the static path hands over to the eager one when it is full).
-        room = len(tokens) + min(max_tokens, self.model.config.sequence_len)
+        room = len(tokens) + min(max_tokens, self.model.config.sequence_len) - 1  # the last token is not fed back
         decoder = None if mode == "eager" else self._take_decoder(runner, num_samples, room, mode == "graph")
-        held = decoder
+        held = decoder  # freed at the end, also when the caller stops iterating early
         try:
-            # 1) prefill the prompt once, batch 1; 2) copy its cache into one row per sample
-            # (one sample decodes straight from the prefill cache)
-            if num_samples == 1 and decoder is not None:
-                cache = decoder.cache
-                cache.reset()
-            else:
-                cache = self._new_cache(1, room if num_samples == 1 else len(tokens))
-            logits = self._forward(runner, torch.tensor([tokens], dtype=torch.long, device=device), cache)
-            if num_samples > 1:
-                prefill_cache = cache
-                cache = decoder.cache if decoder is not None else self._new_cache(num_samples, room)
-                cache.prefill_from(prefill_cache)
-                del prefill_cache
-                logits = logits.expand(num_samples, -1)
-
+            cache, logits = self._prefill(runner, tokens, num_samples, room, decoder)
             rows = [_Row() for _ in range(num_samples)]
             reader = _ColumnReader(num_samples, device)
             pos = len(tokens)  # the cache position of the next token fed to the model
             sampled = sample_next(logits, generator, temperature, top_k, top_p)
             for step in range(max_tokens):
                 last_step = step == max_tokens - 1
-                if decoder is not None and not decoder.fits(pos):  # full: the eager path grows the cache
-                    self._drop_decoder(decoder)  # its graphs point at the cache about to be replaced
-                    decoder, cache.pos = None, pos
+                if decoder is not None and not decoder.fits(pos):  # full: hand over to the eager path,
+                    self._drop_decoder(decoder)  # which grows the cache (the graphs point at this one)
+                    decoder = None
+                    cache.pos = pos
                 reader.start(sampled)
                 ahead = None
                 if decoder is not None and not last_step and not any(row.forced for row in rows):

@@ -6,7 +6,8 @@ The recipe: dynamic tensorwise scaling, with PyTorch's scaled matmul (torch._sca
   the matmul accumulates in fp32 and multiplies by both inverse scales on the way out.
 - backward grad_x = grad_y @ W and grad_W = grad_y^T @ x: grad_y is cast the same way but to
   float8_e5m2 (max 57344, 2 mantissa bits: gradients need range more than precision); x and W
-  are the fp8 copies kept from the forward (half the activation memory of bf16).
+  are the fp8 copies kept from the forward (one byte per saved element instead of two; q, k and v
+  each keep their own copy of the shared input, though).
 - the scales are recomputed from each tensor's amax at every call, on the device (no host sync,
   no amax history to carry), so tiny and huge tensors get the same relative precision.
 - only the block matrices (attention q/k/v/proj and the MLP) use fp8; the embedding and the

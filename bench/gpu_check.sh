@@ -10,10 +10,10 @@
 #   OUT   where each part writes its log (<part>.log) and the pipeline its report.md
 #
 #   tests     the tests marked gpu (CUDA graphs, fp8 and CUDA-only dataloader checks)
-#   pipeline  tokenizer -> base_train (d12, 300 steps) -> base_eval (CORE on the local bundle, bpb)
+#   pipeline  tokenizer -> base_train (d12, 150 steps) -> base_eval (CORE on the local bundle, bpb)
 #             -> mid_train -> chat_eval -> chat_sft -> chat_eval -> chat_cli -> report.md
 #   train     bench.train_bench at depth 20 (compiled and eager) and depth 26 (compiled)
-#   fp8       bench.train_bench --fp8 at depth 20, and base_train d12 for 300 steps with and
+#   fp8       bench.train_bench --fp8 at depth 20, and base_train d12 for 150 steps with and
 #             without --fp8 on the same data: the validation bpb of both
 #   infer     bench.infer_bench at depth 20, batch 1 and 32
 #
@@ -21,7 +21,7 @@
 # wheel built with `maturin build --release -m rustbpe/Cargo.toml`). SCALE=tiny shrinks every size
 # so that the script itself can be checked on a CPU in a few minutes.
 set -euo pipefail
-[ $# -ge 2 ] || { sed -n '2,25p' "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,22p' "$0"; exit 2; }
 DATA=$(cd "$1" && pwd)
 mkdir -p "$2"
 OUT=$(cd "$2" && pwd)

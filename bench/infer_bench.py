@@ -111,7 +111,7 @@ def run_naive(model, prompt, batch, gen_len, sampling):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Prefill/decode throughput: the Engine's decode modes vs naive recompute.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--depth", type=int, default=None, help="model depth (default: 20 on CUDA, 4 elsewhere)")
     p.add_argument("--head-dim", type=int, default=None, help="attention head size (default: 128 on CUDA, 64 elsewhere)")

@@ -3,12 +3,12 @@ AdamW) of the GPT at a given depth, on one device.
 
     python -m bench.train_bench --depth 20                         # CUDA: compiled vs eager, bf16
     python -m bench.train_bench --depth 20 --fp8 --no-eager        # CUDA: compiled bf16 vs compiled fp8
-    python -m bench.train_bench --depth 2 --head-dim 32 --seq-len 128 --device-batch-size 4   # CPU smoke
-    python -m bench.train_bench --depth 2 --head-dim 32 --seq-len 128 --device-batch-size 4 --fp8
+    python -m bench.train_bench --depth 2 --head-dim 32 --vocab-size 512 --seq-len 128 \
+        --device-batch-size 4 --steps 3 --warmup 1 [--fp8]                # CPU smoke, seconds
 
 MFU = FLOPs/token (model.estimate_flops) x tokens/s / the device's bf16 peak (base_train.peak_flops).
-The peer in the same run is the eager (uncompiled) model, so the printed ratio says what
-torch.compile buys; on CPU both run eager and the ratio is ~1.
+On CUDA the peer in the same run is the eager (uncompiled) model, so the printed ratio says what
+torch.compile buys; on CPU only the eager model runs.
 
 --fp8 adds a peer whose block matmuls run in float8 (fp8.py; compiled when the main run is),
 built from the same initial weights and fed the same batches, and prints its tok/s ratio to the

@@ -263,9 +263,11 @@ def test_base_train_fp8_end_to_end_and_resume(base_dir, monkeypatch):
     assert "fp8: on" in report
     model, _, meta = checkpoint.load_model("base", "cpu")  # a plain GPT loads the fp8 run's weights
     assert meta["train_config"]["fp8"] is True and type(model.blocks[0].attn.c_q) is nn.Linear
-    # resume with the same flag: continues from step 2
+    # resume with the same flag: continues from step 2, in fp8 again
+    calls.clear()
     result = base_train.main(flags + ["--num-iterations", "3", "--resume"])
     assert result["step"] == 3 and len(result["curve"]["loss"]) == 3
+    assert len(calls) >= 2 * 12 and (256, 64) in calls
     assert json.loads((base_dir / "report" / "base-train.json").read_text())["num_iterations"] == 3
 
 

@@ -410,3 +410,8 @@ def test_rotary_encodes_relative_positions():
     for m, n, shift in ((5, 2, 30), (0, 9, 11), (40, 40, 3)):
         assert_close(score(m, n), score(m + shift, n + shift), atol=1e-9)
     assert (score(5, 2) - score(6, 2)).abs() > 1e-3  # but it does depend on the offset
+    # and it turns the way every checkpoint was trained with: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)
+    x = torch.randn(1, 64, 1, D, dtype=torch.float64)
+    c, s = cos[..., : D // 2].double(), sin[..., : D // 2].double()
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    assert_close(model_module.apply_rotary(x, cos, sin), torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1), atol=1e-12)

@@ -184,6 +184,10 @@ class ScriptedStatic(nn.Module):
         self.inner, self.config, self.scripts = model, model.config, scripts
         self.fed = []
 
+    @property
+    def cos(self):  # the rotary table the engine watches (see StaticDecoder.step)
+        return self.inner.cos
+
     def _force(self, last, next_pos):
         for row in range(last.size(0)):
             token = self.scripts[row].get(next_pos)
@@ -264,6 +268,12 @@ def test_a_live_generator_keeps_its_decoder():
     head = [next(stream)[0][0] for _ in range(10)]
     assert engine.generate_batch(second, max_tokens=30, temperature=0.0)[0][0] == want_second
     assert first + head + [column[0] for column, _ in stream] == want_first
+    assert not any(d.busy for d in engine._decoders.values())
+    # a consumer that stops early (a chat_web client that disconnects) frees the decoder too
+    stream = engine.generate(first, max_tokens=30, temperature=0.0)
+    next(stream)
+    assert any(d.busy for d in engine._decoders.values())
+    stream.close()
     assert not any(d.busy for d in engine._decoders.values())
 
 
@@ -362,6 +372,25 @@ def test_graph_mode_bookkeeping_with_a_fake_graph(monkeypatch):
     assert any(m == 0 for m in results["static"][1][0][P:])  # the tool output was forced
 
 
+
+def test_graphs_are_recaptured_when_the_rotary_tables_grow(monkeypatch):
+    """A prompt longer than the rotary tables makes the model replace them; a kept decoder's graphs
+    read the old ones (freed memory on a GPU), so they must be captured again."""
+    monkeypatch.setattr(engine_module, "StaticDecoder", FakeGraphDecoder)
+    model = random_gpt(sequence_len=16)  # rotary tables of 160 positions
+    tok = StubTokenizer(100)
+    engine = Engine(model, tok, decode="static")
+    short = long_prompt(20)
+    first = engine.generate_batch(short, max_tokens=8, temperature=0.0)[0]
+    decoder, = engine._decoders.values()
+    old_tables, captures = model.cos, []
+    capture = decoder._capture
+    monkeypatch.setattr(decoder, "_capture", lambda window: (captures.append(window), capture(window)))
+    engine.generate_batch(long_prompt(200, seed=9), max_tokens=2, temperature=0.0)  # grows the tables
+    assert model.cos is not old_tables
+    assert engine.generate_batch(short, max_tokens=8, temperature=0.0)[0] == first
+    assert captures == [64]  # the kept decoder captured its window again
+
 # ---------------------------------------------------------------------------
 # compile_decode: the static step under torch.compile
 
@@ -392,15 +421,17 @@ def test_compiled_decode_step_traces_as_one_graph(monkeypatch, fresh_dynamo):
     assert len(graphs) == 1  # one window (64), one shape: traced once, every position replays it
     with pytest.raises(ValueError, match="compile_decode"):
         list(Engine(model, tok, compile_decode=True).generate(prompt, max_tokens=2))  # auto on CPU = eager
-    # a reply through windows 64, 128, 256 and then batch 1: the window size becomes symbolic at the
-    # second window, so nothing after it recompiles
+    # a reply through windows 64, 128, 256: the window size becomes symbolic at the second window,
+    # so the third reuses it (2 compilations); batch 1 then compiles once more (dynamo always
+    # specialises size 1)
     graphs.clear()
     model = random_gpt(sequence_len=512)
     expected, _ = Engine(model, tok, decode="eager").generate_batch(prompt, 2, max_tokens=200, temperature=0.0)
     engine = Engine(model, tok, decode="static", compile_decode=True)
     assert engine.generate_batch(prompt, 2, max_tokens=200, temperature=0.0)[0] == expected
+    assert len(graphs) == 2, len(graphs)
     assert engine.generate_batch(prompt, 1, max_tokens=200, temperature=0.0)[0] == expected[:1]
-    assert len(graphs) <= 3, len(graphs)
+    assert len(graphs) == 3, len(graphs)
 
 
 @pytest.mark.slow
