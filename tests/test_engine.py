@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine import Engine, Refused, StreamDecoder, assistant_parts, calculator, chat_prompt, safe_eval, sample_next
+from calculator import Refused, calculator, safe_eval
+from engine import Engine, StreamDecoder, assistant_parts, chat_prompt, sample_next
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
