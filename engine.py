@@ -88,10 +88,10 @@ def next_pow2(n):
 
 
 class StaticDecoder:
-    """Decode steps with fixed shapes over one preallocated KV cache (`batch` rows, `seq_len`
-    positions, a power of two), through GPT.decode_step. The attention window of a step is the
-    next power of two above its position (at least MIN_WINDOW), so a whole reply runs through a
-    handful of shapes. With graphs=True (CUDA) each window's step is captured once as a CUDA
+    """Decode steps with fixed shapes over one preallocated KV cache (its seq_len a power of two;
+    never grown), through GPT.decode_step. The attention window of a step is the next power of
+    two above its position (at least MIN_WINDOW), so a whole reply runs through a handful of
+    shapes. With graphs=True (CUDA) each window's step is captured once as a CUDA
     graph and then replayed: one launch per token instead of several hundred kernel launches,
     which is what batch-1 decoding is bound by. The graphs read the static inputs self.idx and
     self.pos and write the logits into one static output tensor per window.
@@ -99,10 +99,9 @@ class StaticDecoder:
     A step writes its keys/values at its position, over whatever was there: a kept decoder's cache
     needs no clearing, as positions past the step's are masked."""
 
-    def __init__(self, model, batch, seq_len, dtype, graphs, compiled=False):
-        cfg = model.config
-        device = next(model.parameters()).device
-        self.model, self.use_graphs = model, graphs
+    def __init__(self, model, cache, graphs, compiled=False):
+        device = cache.k.device
+        self.model, self.cache, self.use_graphs = model, cache, graphs
         # compiled: inductor fuses the step's elementwise work (rotary, norms, residual adds, relu^2)
         # into a few kernels per layer. dynamic=None: the first window compiles for its exact size,
         # the second recompiles with the size symbolic, and later windows reuse that: 2 compilations
@@ -111,8 +110,7 @@ class StaticDecoder:
         self.decode_step = model.decode_step
         if compiled:
             self.decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=None)
-        self.cache = KVCache(batch, cfg.n_kv_head, seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer, device, dtype)
-        self.idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.idx = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs = {}   # window -> (torch.cuda.CUDAGraph, the logits tensor it writes)
         self.pool = None   # one memory pool for all of this decoder's graphs: they never run at once
@@ -281,7 +279,7 @@ class Engine:
         key = (batch, seq_len, graphs)
         decoder = self._decoders.get(key)
         if decoder is None or decoder.busy:
-            fresh = StaticDecoder(runner, batch, seq_len, self._compute_dtype(), graphs, self.compile_decode)
+            fresh = StaticDecoder(runner, self._new_cache(batch, seq_len), graphs, self.compile_decode)
             if decoder is None:
                 self._decoders[key] = fresh
                 while len(self._decoders) > MAX_DECODERS:

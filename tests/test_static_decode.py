@@ -496,7 +496,7 @@ def test_cuda_graph_decode_step_logits_match_eager_decode_step():
     x = torch.randint(0, 100, (2, 80), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.inference_mode():
         full = model(x)
-        decoder = StaticDecoder(model, 2, 128, torch.float32, graphs=True)
+        decoder = StaticDecoder(model, new_cache(model, 2, 128, device="cuda"), graphs=True)
         model(x[:, :60], kv_cache=decoder.cache)
         for t in range(60, 80):  # crosses the 64 window
             logits = decoder.step(x[:, t], t)
