@@ -12,7 +12,7 @@ import sys
 import argparse
 
 from common import UserError, autodetect_device, run_main
-from engine import StreamDecoder, assistant_parts, chat_prompt, load_engine
+from engine import StreamDecoder, add_decode_flags, assistant_parts, chat_prompt, load_engine
 
 
 def parse_args(argv=None):
@@ -27,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this much mass")
     p.add_argument("--max-tokens", type=int, default=512, help="at most this many tokens per reply")
     p.add_argument("--seed", type=int, default=42, help="random seed (each reply uses seed + turn number)")
+    add_decode_flags(p)
     args = p.parse_args(argv)
     if args.temperature < 0:
         raise UserError("--temperature must be >= 0")
@@ -61,7 +62,7 @@ def reply(engine, messages, args, turn, out=None) -> str | None:
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or autodetect_device()
-    engine, meta = load_engine(args.source, device, args.tag, args.step)
+    engine, meta = load_engine(args.source, device, args.tag, args.step, args.decode, args.compile_decode)
     if args.prompt is not None:
         if reply(engine, [{"role": "user", "content": args.prompt}], args, 0) is None:
             raise UserError("the prompt is longer than the model's context: shorten it")

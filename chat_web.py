@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import UserError, autodetect_device, print0, run_main
-from engine import StreamDecoder, chat_prompt, load_engine
+from engine import StreamDecoder, add_decode_flags, chat_prompt, load_engine
 
 
 @dataclass
@@ -112,8 +112,9 @@ class WorkerPool:
             self.free.put_nowait(worker)
 
 
-def load_workers(source, device, tag=None, step=None, num_gpus=0):
-    """One worker per GPU (the first `num_gpus`, 0 = all), else one on `device`."""
+def load_workers(source, device, tag=None, step=None, num_gpus=0, **engine_kw):
+    """One worker per GPU (the first `num_gpus`, 0 = all), else one on `device`; engine_kw: load_engine's
+    decode switches."""
     if device == "cuda":
         count = torch.cuda.device_count() if num_gpus <= 0 else min(num_gpus, torch.cuda.device_count())
         devices = [f"cuda:{i}" for i in range(count)]
@@ -124,7 +125,7 @@ def load_workers(source, device, tag=None, step=None, num_gpus=0):
     workers, meta = [], None
     for dev in devices:
         print0(f"loading the {source} model on {dev}")
-        engine, meta = load_engine(source, dev, tag, step)
+        engine, meta = load_engine(source, dev, tag, step, **engine_kw)
         workers.append(Worker(engine, dev))
     return workers, meta
 
@@ -325,6 +326,7 @@ def parse_args(argv=None):
     p.add_argument("--max-message-chars", type=int, default=20_000, help="longest message, in characters")
     p.add_argument("--max-prompt-tokens", type=int, default=0, help="longest prompt in tokens (0 = the model's context)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (debug|info|warning|error)")
+    add_decode_flags(p)
     return p.parse_args(argv)
 
 
@@ -337,7 +339,8 @@ def main(argv=None):
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     device = args.device or autodetect_device()
-    workers, meta = load_workers(args.source, device, args.tag, args.step, args.num_gpus)
+    workers, meta = load_workers(args.source, device, args.tag, args.step, args.num_gpus,
+                                 decode=args.decode, compile_decode=args.compile_decode)
     limits = Limits(max_messages=args.max_messages, max_message_chars=args.max_message_chars,
                     max_prompt_tokens=args.max_prompt_tokens or None, max_tokens=args.max_tokens_limit,
                     default_max_tokens=min(args.max_tokens, args.max_tokens_limit),

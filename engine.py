@@ -437,7 +437,16 @@ class Engine:
 SOURCE_FALLBACK_HINT = {"sft": " (or --source mid/base)", "mid": " (or --source base)", "base": ""}
 
 
-def load_engine(source="sft", device="cpu", tag=None, step=None):
+def add_decode_flags(p):
+    """chat_cli's and chat_web's switches for how the decode steps run (see Engine)."""
+    p.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                   help="decode steps: auto = CUDA graphs on CUDA, eager elsewhere (see engine.Engine)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="torch.compile the static decode step: faster batch-1 tokens on CUDA after "
+                        "a compilation of tens of seconds on the first replies")
+
+
+def load_engine(source="sft", device="cpu", tag=None, step=None, decode="auto", compile_decode=False):
     """(Engine, meta) for the latest (or given) checkpoint of stage `source`, with a one-line
     UserError that says which script to run when that stage has no checkpoint yet."""
     import checkpoint
@@ -451,7 +460,12 @@ def load_engine(source="sft", device="cpu", tag=None, step=None):
         raise UserError(f"no {what}: run `python -m {checkpoint.STAGE_SCRIPTS[source]}` first"
                         + SOURCE_FALLBACK_HINT[source])
     model, tokenizer, meta = checkpoint.load_model(source, device, tag=tag, step=step, phase="eval")
-    return Engine(model, tokenizer), meta
+    engine = Engine(model, tokenizer, decode=decode, compile_decode=compile_decode)
+    try:
+        engine._decode_mode(torch.device(device))  # a switch that cannot run here fails now, not at the first reply
+    except ValueError as e:
+        raise UserError(f"--decode {decode}{' --compile-decode' if compile_decode else ''} on {device}: {e}") from None
+    return engine, meta
 
 
 # ---------------------------------------------------------------------------

@@ -50,6 +50,22 @@ def test_one_shot_prompt(base_dir, capsys):
     assert capsys.readouterr().out == first  # greedy is deterministic
 
 
+def test_decode_switches(base_dir, capsys):
+    save_tiny_checkpoint(base_dir, stage="sft")
+    capsys.readouterr()
+    ask = ["-p", "Hello! How are you?", "--max-tokens", "12", "--temperature", "0", "--device", "cpu"]
+    chat_cli.main(ask)
+    eager = capsys.readouterr().out
+    chat_cli.main(ask + ["--decode", "static"])
+    assert capsys.readouterr().out == eager  # the static step is the same math
+    # a switch that cannot run on this device fails before any reply, in one line
+    with pytest.raises(UserError, match=r"^--decode graph on cpu: .*needs the model on a CUDA device"):
+        chat_cli.main(ask + ["--decode", "graph"])
+    with pytest.raises(UserError, match=r"^--decode auto --compile-decode on cpu: compile_decode compiles"):
+        chat_cli.main(ask + ["--compile-decode"])
+    assert capsys.readouterr().out == ""
+
+
 def test_interactive_history_clear_exit(base_dir, capsys, monkeypatch):
     save_tiny_checkpoint(base_dir, stage="mid")
     lines = iter(["Hello!", "What is the capital of France?", "/clear", "  ", "How many r?", "/exit", "never read"])
