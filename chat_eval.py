@@ -36,9 +36,9 @@ import torch.distributed as dist
 from common import (UserError, autodetect_device, compute_cleanup, compute_init, format_seconds, get_dtype, print0,
                     run_main)
 from mid_train import add_data_flags, arc_path, data_paths, resolve_preset
+from report import CHATCORE_TASKS
 
-TASK_NAMES = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "Arithmetic"]
-CHATCORE_TASKS = TASK_NAMES[:6]
+TASK_NAMES = CHATCORE_TASKS + ["Arithmetic"]
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25}  # random guessing; 0 for generative tasks
 PATH_FLAGS = {"ARC-Easy": "arc_path", "ARC-Challenge": "arc_path", "MMLU": "mmlu_path", "GSM8K": "gsm8k_path",
               "HumanEval": "humaneval_path"}  # tasks that need a download unless given a local copy
@@ -304,7 +304,7 @@ def evaluate(args, rank, world_size, device):
         data = {"results": {n: {"acc": r["acc"], "se": r["se"]} for n, r in results.items()},
                 "counts": {n: [r["correct"], r["total"]] for n, r in results.items()},
                 "skipped": skipped, "seconds": time.time() - t0, "tag": meta["tag"], "step": meta["step"],
-                "num_samples": args.num_samples}
+                "num_samples": args.num_samples, "max_problems": None if args.max_problems < 0 else args.max_problems}
         if chatcore is not None:
             data.update(chatcore=chatcore, chatcore_se=chatcore_se, chatcore_tasks=list(results))
         title = {"mid": "Chat evaluation: mid-trained model", "sft": "Chat evaluation: SFT model"}[args.source]

@@ -26,7 +26,8 @@ SECTION_ORDER = [
     "mid-train", "chat-eval-mid", "chat-sft", "chat-eval-sft",
 ]
 TRAINING_SECTIONS = {"base-train": "base", "mid-train": "mid", "chat-sft": "sft"}
-CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+# the chat tasks of the nanochat-comparable ChatCORE (chat_eval.py), in the summary table's order
+CHATCORE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 DEFAULT_GPU_HOUR_USD = 3.00  # a typical on-demand H100 rate per GPU-hour (flag --gpu-hour-usd)
 
 
@@ -160,24 +161,51 @@ def _fmt(metric: dict | None, key="acc") -> str:
 
 
 def summary_table() -> str:
+    """The summary table, then a note under it for every figure that is not the standard one: a
+    CORE over fewer than all tasks or items, a ChatCORE over another task set than the six
+    nanochat-comparable ones, a chat evaluation on a subset of problems or with pass@k."""
     base = read_data("base-eval")
     stages = {"base": {}, "mid": read_data("chat-eval-mid"), "sft": read_data("chat-eval-sft")}
     rows = ["| metric | BASE | MID | SFT |", "|---|---|---|---|"]
-    core = {"acc": base.get("core"), "se": base.get("core_se")} if "core" in base else None
-    rows.append(f"| CORE | {_fmt(core)} | - | - |")
+    notes = []
+    core = "-"
+    if base.get("core") is not None:
+        core = _fmt({"acc": base["core"], "se": base.get("core_se")})
+        n_done, missing, cap = len(base.get("core_tasks", [])), base.get("missing_tasks", []), base.get("max_per_task")
+        if missing or cap is not None:
+            core += " (see note)"
+            what = [f"mean over {n_done} of {n_done + len(missing)} tasks (missing {', '.join(missing)})"] if missing else []
+            what += [f"at most {cap} items per task"] if cap is not None else []
+            notes.append("CORE is not the full benchmark: " + "; ".join(what) + ".")
+    rows.append(f"| CORE | {core} | - | - |")
     val_bpb = base.get("bpb", {}).get("val")
     if val_bpb is not None:
         rows.append(f"| val bpb | {val_bpb:.4f} | - | - |")
-    extra = sorted({m for d in stages.values() for m in d.get("results", {})} - set(CHAT_METRICS))
-    for metric in CHAT_METRICS + extra:
+    extra = sorted({m for d in stages.values() for m in d.get("results", {})} - set(CHATCORE_TASKS))
+    for metric in CHATCORE_TASKS + extra:
         cells = [_fmt(stages[s].get("results", {}).get(metric)) for s in ("base", "mid", "sft")]
         rows.append(f"| {metric} | " + " | ".join(cells) + " |")
     cells = []
     for s in ("base", "mid", "sft"):
         d = stages[s]
-        cells.append(_fmt({"acc": d.get("chatcore"), "se": d.get("chatcore_se")}) if "chatcore" in d else "-")
+        if "chatcore" not in d:
+            cells.append("-")
+            continue
+        cell = _fmt({"acc": d["chatcore"], "se": d.get("chatcore_se")})
+        tasks = d.get("chatcore_tasks", [])
+        if tasks != CHATCORE_TASKS:
+            cell += " (see note)"
+            notes.append(f"ChatCORE {s.upper()} averages {', '.join(tasks)}, not the six tasks of the "
+                         f"comparable ChatCORE ({', '.join(CHATCORE_TASKS)}).")
+        cells.append(cell)
     rows.append("| ChatCORE | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    for s in ("mid", "sft"):
+        d = stages[s]
+        if d.get("max_problems") is not None:
+            notes.append(f"{s.upper()} chat tasks: at most {d['max_problems']} problems each.")
+        if d.get("num_samples", 1) > 1:
+            notes.append(f"{s.upper()} generative tasks: pass@{d['num_samples']}.")
+    return "\n".join(rows + ([""] + [f"- {n}" for n in notes] if notes else []))
 
 
 def plot_curves(out_dir: Path) -> list[str]:
