@@ -1,8 +1,11 @@
 """Arithmetic with the calculator tool, generated with a seeded RNG (no download): the
 assistant writes the expression as a python call, reads the value from the tool's output and
-states the answer. Teaches the tool-use format cheaply (the offline CPU preset uses it)."""
+states the answer. Teaches the tool-use format cheaply (the offline CPU preset uses it).
+About a tenth of the expressions (by a hash of the expression) are held out: the test split asks
+only about them, the train split never does."""
 
 import random
+import zlib
 
 from tasks.common import Task, last_number
 
@@ -20,6 +23,12 @@ STORIES = {
     "*": "There are {a} boxes with {b} pencils in each. How many pencils are there in total?",
     "/": "{a} cookies are shared equally among {b} children. How many cookies does each child get?",
 }
+
+
+def is_test_expression(expr: str) -> bool:
+    """About 1 expression in 10 is held out for the test split, by a stable hash of its text, so
+    a test problem's expression never appears in training whatever the seeds and sizes."""
+    return zlib.crc32(expr.encode()) % 10 == 0
 
 
 class Arithmetic(Task):
@@ -57,7 +66,10 @@ class Arithmetic(Task):
 
     def get_example(self, index):
         rng = random.Random(f"arithmetic-{self.seed}-{self.split}-{index}")
-        expr, value, op, a, b = self.problem(rng)
+        while True:  # draw until the expression is on this split's side (about 10 draws for test)
+            expr, value, op, a, b = self.problem(rng)
+            if is_test_expression(expr) == (self.split == "test"):
+                break
         if "(" not in expr and rng.random() < 0.25:
             question = STORIES[op].format(a=a, b=b)
             intro = f"That is {expr}. Let me calculate: "

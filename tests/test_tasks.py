@@ -382,6 +382,7 @@ def test_humaneval_rows_and_evaluate():
 
 def test_humaneval_program_building():
     assert extract_code("text\n```py\nx = 1\n```\nmore") == "x = 1\n"
+    assert extract_code("```Python\nx = 1\n```") == extract_code("```PY\nx = 1\n```") == "x = 1\n"
     assert extract_code("no fences") == "no fences"
     program = build_program("def f():\n    \"\"\"doc\"\"\"\n", "def f():\n    return 1\n", "def check(c):\n"
                             "    assert c() == 1\n", "f")
@@ -506,6 +507,14 @@ def test_word_lists(tmp_path):
     assert load_words(tmp_path / "w.txt") == ["apple", "banana", "cherry"]
     with pytest.raises(UserError, match="does not exist"):
         load_words(tmp_path / "missing.txt")
+
+
+def test_arithmetic_test_expressions_are_never_trained_on():
+    expression = lambda x: x["messages"][1]["content"][1]["text"]  # noqa: E731
+    train = {expression(x) for x in Arithmetic(size=3000)}  # what the offline mid stage trains on
+    test = {expression(x) for x in Arithmetic(size=256, split="test")}
+    assert len(test) > 200 and len(train) > 2000
+    assert not train & test
 
 
 def test_arithmetic_tool_outputs_are_right():
