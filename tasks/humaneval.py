@@ -6,7 +6,7 @@ import re
 
 from tasks.common import Task, load_rows
 
-FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
+FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)  # ```Python too
 
 
 def extract_code(completion: str) -> str:
