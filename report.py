@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import get_base_dir, atomic_write, atomic_path, run_main, print0
+from common import UserError, get_base_dir, atomic_write, atomic_path, run_main, print0
 
 # Sections in the order they appear in report.md.
 SECTION_ORDER = [
@@ -243,7 +243,9 @@ def plot_curves(out_dir: Path) -> list[str]:
     return written
 
 
-def generate(copy_to: Path | None):
+def generate(copy_to: Path | None, gpu_hour_usd: float | None = None):
+    """Assemble report.md from the sections; gpu_hour_usd: the cost estimate's rate (default: the
+    one `reset` recorded)."""
     base_dir = get_base_dir()
     header = read_data("header")
     parts = []
@@ -255,14 +257,19 @@ def generate(copy_to: Path | None):
     if pngs:
         summary += ["Training curves: " + ", ".join(f"[{p}]({p})" for p in pngs), ""]
         summary += [f"![{p}]({p})" for p in pngs] + [""]
-    if "start_time" in header:
-        elapsed = time.time() - header["start_time"]
+    # the run's time: from `report reset` to the last stage section written (not to now: a report
+    # generated again later must not grow), interruptions included
+    ends = [(report_dir() / f"{name}.md").stat().st_mtime for name in SECTION_ORDER[1:]
+            if (report_dir() / f"{name}.md").exists()]
+    if "start_time" in header and ends:
+        elapsed = max(ends) - header["start_time"]
         hours = elapsed / 3600
         num_gpus = header.get("num_gpus", 0)
         summary.append(f"Total wall clock time: {int(hours)}h{int(elapsed % 3600 / 60):02d}m")
         if num_gpus:
-            cost = hours * num_gpus * header.get("gpu_hour_usd", DEFAULT_GPU_HOUR_USD)
-            summary.append(f"Estimated cost: ${cost:,.2f} ({num_gpus} GPUs x {hours:.2f} h)")
+            rate = header.get("gpu_hour_usd", DEFAULT_GPU_HOUR_USD) if gpu_hour_usd is None else gpu_hour_usd
+            summary.append(f"Estimated cost: ${hours * num_gpus * rate:,.2f} ({num_gpus} GPUs x {hours:.2f} h "
+                           f"at ${rate:.2f} per GPU-hour)")
     text = "# speedchat report\n\n" + "\n".join(parts[:1]) + "\n" + "\n".join(summary) + "\n\n" + "\n".join(parts[1:])
     out = base_dir / "report.md"
     atomic_write(out, text)
@@ -279,14 +286,29 @@ def generate(copy_to: Path | None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Start (reset) or assemble (generate) the run report.")
-    parser.add_argument("command", choices=["reset", "generate"], help="reset: new report with header; generate: write report.md")
-    parser.add_argument("--gpu-hour-usd", type=float, default=DEFAULT_GPU_HOUR_USD, help="price of one GPU-hour, for the cost estimate")
+    parser.add_argument("command", choices=["reset", "generate"],
+                        help="reset: start a new report (removes every section) with the header; "
+                             "generate: write report.md from the sections written so far")
+    parser.add_argument("--gpu-hour-usd", type=float, default=None,
+                        help="price of one GPU-hour for the cost estimate (default: $SPEEDCHAT_GPU_HOUR_USD, "
+                             f"else {DEFAULT_GPU_HOUR_USD:.2f}; generate: the rate reset recorded)")
     parser.add_argument("--out-dir", default=".", help="where generate also copies report.md and the plots ('' for the base dir only)")
     args = parser.parse_args(argv)
+    rate = args.gpu_hour_usd
+    if rate is None and os.environ.get("SPEEDCHAT_GPU_HOUR_USD"):
+        try:
+            rate = float(os.environ["SPEEDCHAT_GPU_HOUR_USD"])
+        except ValueError:
+            raise UserError(f"SPEEDCHAT_GPU_HOUR_USD={os.environ['SPEEDCHAT_GPU_HOUR_USD']!r} is not a number") from None
+    if rate is not None and not (math.isfinite(rate) and rate >= 0):
+        raise UserError(f"the GPU-hour price must be a number >= 0, got {rate}")
     if args.command == "reset":
-        reset(args.gpu_hour_usd)
+        reset(DEFAULT_GPU_HOUR_USD if rate is None else rate)
     else:
-        generate(Path(args.out_dir) if args.out_dir else None)
+        out_dir = Path(args.out_dir) if args.out_dir else None
+        if out_dir is not None and not out_dir.is_dir():
+            raise UserError(f"--out-dir {args.out_dir}: no such directory")
+        generate(out_dir, rate)
 
 
 if __name__ == "__main__":

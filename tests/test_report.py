@@ -1,6 +1,8 @@
 """report.py's summary table: a figure that is not the standard one (CORE over fewer tasks or
 items, ChatCORE over another task set, a subset of problems, pass@k) is marked, with a note."""
 
+import os
+
 import pytest
 
 import report
@@ -52,3 +54,35 @@ def test_partial_figures_are_marked_and_explained():
         "- SFT chat tasks: at most 50 problems each.",
         "- SFT generative tasks: pass@4.",
     ]
+
+
+def test_wall_clock_and_cost_are_the_run_not_the_time_of_generate(base_dir, monkeypatch):
+    monkeypatch.setenv("SPEEDCHAT_GPU_HOUR_USD", "2.5")
+    report.main(["reset"])
+    header = report.read_data("header")
+    assert header["gpu_hour_usd"] == 2.5
+    # pretend the run started 2 h 30 min before its last section was written, on 8 GPUs
+    header.update(start_time=header["start_time"] - 9000, num_gpus=8)
+    report.write_section("header", "speedchat run", data=header)
+    report.write_section("base-train", "Base training", {"steps": 10})
+    section = report.report_dir() / "base-train.md"
+    os.utime(section, (section.stat().st_atime, header["start_time"] + 9000))
+    text = report.generate(None).read_text()
+    assert "Total wall clock time: 2h30m" in text
+    assert "Estimated cost: $50.00 (8 GPUs x 2.50 h at $2.50 per GPU-hour)" in text
+    # generated again later, at another rate: the same time, the new rate; the sections are kept
+    monkeypatch.delenv("SPEEDCHAT_GPU_HOUR_USD")
+    report.main(["generate", "--gpu-hour-usd", "3", "--out-dir", ""])
+    text = (base_dir / "report.md").read_text()
+    assert "Total wall clock time: 2h30m" in text and "Estimated cost: $60.00" in text
+    assert "- steps: 10" in text
+
+
+def test_bad_gpu_hour_prices_are_refused(monkeypatch):
+    with pytest.raises(report.UserError, match="must be a number >= 0, got -3"):
+        report.main(["generate", "--gpu-hour-usd", "-3"])
+    monkeypatch.setenv("SPEEDCHAT_GPU_HOUR_USD", "three")
+    with pytest.raises(report.UserError, match="is not a number"):
+        report.main(["reset"])
+    with pytest.raises(report.UserError, match="no such directory"):
+        report.main(["generate", "--gpu-hour-usd", "1", "--out-dir", "/nonexistent/dir"])
