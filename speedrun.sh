@@ -11,11 +11,12 @@
 #   rm -rf $SPEEDCHAT_BASE_DIR/speedrun $SPEEDCHAT_BASE_DIR/checkpoints
 set -euo pipefail
 CALLER_DIR=$PWD  # report.md is copied here at the end
+export SPEEDCHAT_BASE_DIR="${SPEEDCHAT_BASE_DIR:-$HOME/.cache/speedchat}"
+mkdir -p "$SPEEDCHAT_BASE_DIR"
+SPEEDCHAT_BASE_DIR=$(cd "$SPEEDCHAT_BASE_DIR" && pwd)  # a relative one is relative to where you ran this
 cd "$(dirname "$0")"
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export SPEEDCHAT_BASE_DIR="${SPEEDCHAT_BASE_DIR:-$HOME/.cache/speedchat}"
-mkdir -p "$SPEEDCHAT_BASE_DIR"
 
 # --- environment: Rust (installed when missing and the network allows), uv, .venv, rustbpe
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ] && command -v curl >/dev/null 2>&1; then
