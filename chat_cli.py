@@ -11,7 +11,7 @@ they are generated; the conversation so far is the context of every reply.
 import sys
 import argparse
 
-from common import UserError, autodetect_device, run_main
+from common import UserError, resolve_device, run_main
 from engine import StreamDecoder, add_decode_flags, assistant_parts, chat_prompt, load_engine
 
 
@@ -61,7 +61,7 @@ def reply(engine, messages, args, turn, out=None) -> str | None:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or autodetect_device()
+    device = resolve_device(args.device)
     engine, meta = load_engine(args.source, device, args.tag, args.step, args.decode, args.compile_decode)
     if args.prompt is not None:
         if reply(engine, [{"role": "user", "content": args.prompt}], args, 0) is None:

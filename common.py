@@ -132,6 +132,27 @@ def autodetect_device() -> str:
     return "cpu"
 
 
+def resolve_device(name: str | None) -> str:
+    """The --device a script was given (None: autodetect), checked: a one-line UserError for a
+    device that is not there or not a device, instead of a confusing failure later."""
+    import torch
+
+    name = name or autodetect_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: use cuda, cpu or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"--device {name} was asked for but MPS is not available here")
+    if device.type not in ("cuda", "cpu", "mps"):
+        raise UserError(f"--device {name!r}: use cuda, cpu or mps")
+    return name
+
+
 def get_dtype(device_type: str):
     """bf16 on CUDA SM80+, fp32 elsewhere; SPEEDCHAT_DTYPE=bfloat16|float32|float16 forces it."""
     import torch
@@ -157,9 +178,7 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     import torch
     import torch.distributed as dist
 
-    device_type = device_type or autodetect_device()
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible")
+    device_type = resolve_device(device_type)
     torch.manual_seed(seed)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

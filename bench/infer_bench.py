@@ -29,7 +29,7 @@ import argparse
 
 import torch
 
-from common import autodetect_device, get_dtype, run_main, UserError
+from common import get_dtype, resolve_device, run_main, UserError
 from engine import Engine, sample_next
 from model import GPT, LOGIT_SOFTCAP, config_from_depth, norm
 
@@ -151,9 +151,7 @@ def build_model(args, device, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or autodetect_device())
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible")
+    device = torch.device(resolve_device(args.device))
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
     on_gpu = device.type == "cuda"

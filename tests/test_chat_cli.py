@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import chat_cli
 from common import UserError
@@ -30,6 +31,15 @@ def test_missing_checkpoint_messages(base_dir):
         chat_cli.main(["-p", "hi", "--source", "base"])
     with pytest.raises(UserError, match="--top-p"):
         chat_cli.main(["-p", "hi", "--top-p", "0"])
+
+
+def test_devices_that_are_not_there(base_dir):
+    save_tiny_checkpoint(base_dir, stage="sft")  # the device is checked first, not blamed on the checkpoint
+    with pytest.raises(UserError, match=r"^--device 'foo' is not a device: use cuda, cpu or mps$"):
+        chat_cli.main(["-p", "hi", "--device", "foo"])
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"^--device cuda was asked for but no CUDA GPU is visible$"):
+            chat_cli.main(["-p", "hi", "--device", "cuda"])
 
 
 def test_missing_checkpoint_is_one_line_from_the_shell(base_dir):
