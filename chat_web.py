@@ -20,6 +20,7 @@ import json
 import math
 import time
 import uuid
+import socket
 import asyncio
 import argparse
 import contextlib
@@ -31,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common import UserError, autodetect_device, print0, run_main
+from common import UserError, print0, resolve_device, run_main
 from engine import StreamDecoder, add_decode_flags, chat_prompt, load_engine
 
 
@@ -47,6 +48,23 @@ class Limits:
     default_temperature: float = 0.6
     default_top_k: int = 50
     max_body_bytes: int = 2_000_000
+
+    def __post_init__(self):
+        """The same bounds a request's own values get (see parse_request), named by their flags."""
+        problems = [f"{flag} must be at least 1, got {value}" for flag, value in (
+            ("--max-messages", self.max_messages), ("--max-message-chars", self.max_message_chars),
+            ("--max-tokens-limit", self.max_tokens), ("--max-tokens", self.default_max_tokens))
+            if value < 1]
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            problems.append(f"--max-prompt-tokens must be at least 1 (or 0 for the model's context), got {self.max_prompt_tokens}")
+        if self.default_max_tokens > self.max_tokens:
+            problems.append(f"--max-tokens {self.default_max_tokens} is above --max-tokens-limit {self.max_tokens}")
+        if not 0.0 <= self.default_temperature <= 2.0:
+            problems.append(f"--temperature must be in [0, 2], got {self.default_temperature}")
+        if self.default_top_k < 0:
+            problems.append(f"--top-k must be >= 0 (0 = off), got {self.default_top_k}")
+        if problems:
+            raise UserError("; ".join(problems))
 
 
 # ---------------------------------------------------------------------------
@@ -118,8 +136,6 @@ def load_workers(source, device, tag=None, step=None, num_gpus=0, **engine_kw):
     if device == "cuda":
         count = torch.cuda.device_count() if num_gpus <= 0 else min(num_gpus, torch.cuda.device_count())
         devices = [f"cuda:{i}" for i in range(count)]
-        if not devices:
-            raise UserError("--device cuda was asked for but no CUDA GPU is visible")
     else:
         devices = [device]
     workers, meta = [], None
@@ -330,6 +346,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_port(host, port):
+    """A one-line error now if the address cannot be bound (taken, or not this machine's); uvicorn
+    binds it again later (with SO_REUSEADDR, as here), so a port another process takes in between
+    still fails there."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -338,13 +367,14 @@ def main(argv=None):
         raise UserError("uvicorn is not installed: `uv sync` (it is a project dependency)")
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
-    device = args.device or autodetect_device()
-    workers, meta = load_workers(args.source, device, args.tag, args.step, args.num_gpus,
-                                 decode=args.decode, compile_decode=args.compile_decode)
     limits = Limits(max_messages=args.max_messages, max_message_chars=args.max_message_chars,
                     max_prompt_tokens=args.max_prompt_tokens or None, max_tokens=args.max_tokens_limit,
-                    default_max_tokens=min(args.max_tokens, args.max_tokens_limit),
+                    default_max_tokens=args.max_tokens,
                     default_temperature=args.temperature, default_top_k=args.top_k)
+    device = resolve_device(args.device)
+    check_port(args.host, args.port)  # before the model loads, which can take a while
+    workers, meta = load_workers(args.source, device, args.tag, args.step, args.num_gpus,
+                                 decode=args.decode, compile_decode=args.compile_decode)
     model_name = f"speedchat-{args.source}-{meta.get('tag', 'model')}"
     sequence_len = workers[0].engine.model.config.sequence_len
     app = create_app(WorkerPool(workers), model_name, sequence_len, limits)

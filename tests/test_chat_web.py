@@ -3,6 +3,7 @@ answered through the official `openai` client, bad requests, concurrency, and th
 in headless Chromium driven by Selenium (skipped when Chromium is not installed)."""
 
 import os
+import re
 import sys
 import json
 import time
@@ -155,6 +156,25 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server, name, body, raw, 
     assert error["type"] == "invalid_request_error" and error["message"]
     ok = post(server, {"messages": HELLO, "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_bad_flags_and_a_taken_port_fail_before_the_model_loads(tmp_path, monkeypatch):
+    import chat_web
+    from common import UserError
+
+    monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path))  # no checkpoint: the flags are checked first
+    for flags, message in [(["--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+                           (["--max-tokens", "5000"], "--max-tokens 5000 is above --max-tokens-limit 2048"),
+                           (["--temperature", "-1"], "--temperature must be in [0, 2], got -1.0"),
+                           (["--top-k", "-2"], "--top-k must be >= 0 (0 = off), got -2")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            chat_web.main(["--device", "cpu"] + flags)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"^cannot listen on 127.0.0.1:{port}: Address already in use$"):
+            chat_web.main(["--device", "cpu", "--port", str(port)])
 
 
 def test_other_routes(server):
