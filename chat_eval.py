@@ -231,6 +231,8 @@ def get_args(argv=None):
     for name in ("batch_size", "num_samples", "max_new_tokens"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.max_problems == 0 or args.max_problems < -1:
+        raise UserError(f"--max-problems must be at least 1 (or -1 for all), got {args.max_problems}")
     if args.num_samples > 1 and args.temperature == 0:
         print0("warning: --num-samples > 1 at --temperature 0 gives k identical greedy samples (pass@1)")
     return args
@@ -281,10 +283,10 @@ def evaluate(args, rank, world_size, device):
     results, chatcore, chatcore_se = summarize(counts)
     for name, r in results.items():
         print0(f"{name}: {r['acc']:.4f} ± {r['se']:.4f} ({r['correct']}/{r['total']})")
-    if chatcore is not None:
-        print0(f"ChatCORE ({len(results)} tasks): {chatcore:.4f} ± {chatcore_se:.4f}")
-    else:
-        print0("no task could be evaluated: no ChatCORE")
+    if chatcore is None:  # a failure, not a result: the report keeps the section of an earlier run
+        raise UserError(f"no task could be evaluated ({len(skipped)} skipped, reasons above): "
+                        f"the {args.source} report section is left as it was")
+    print0(f"ChatCORE ({len(results)} tasks): {chatcore:.4f} ± {chatcore_se:.4f}")
 
     if rank == 0:
         import report
@@ -296,8 +298,7 @@ def evaluate(args, rank, world_size, device):
             items["max problems per task"] = args.max_problems
         for name, r in results.items():
             items[name] = f"{r['acc']:.4f} ± {r['se']:.4f} ({r['correct']}/{r['total']})"
-        if chatcore is not None:
-            items["ChatCORE"] = f"{chatcore:.4f} ± {chatcore_se:.4f} (over {', '.join(results)})"
+        items["ChatCORE"] = f"{chatcore:.4f} ± {chatcore_se:.4f} (over {', '.join(results)})"
         for name, reason in skipped.items():
             items[f"{name} (skipped)"] = reason
         items["time"] = format_seconds(time.time() - t0)
@@ -305,8 +306,7 @@ def evaluate(args, rank, world_size, device):
                 "counts": {n: [r["correct"], r["total"]] for n, r in results.items()},
                 "skipped": skipped, "seconds": time.time() - t0, "tag": meta["tag"], "step": meta["step"],
                 "num_samples": args.num_samples, "max_problems": None if args.max_problems < 0 else args.max_problems}
-        if chatcore is not None:
-            data.update(chatcore=chatcore, chatcore_se=chatcore_se, chatcore_tasks=list(results))
+        data.update(chatcore=chatcore, chatcore_se=chatcore_se, chatcore_tasks=list(results))
         title = {"mid": "Chat evaluation: mid-trained model", "sft": "Chat evaluation: SFT model"}[args.source]
         report.write_section(f"chat-eval-{args.source}", title, items, data=data)
     return {"results": results, "chatcore": chatcore, "chatcore_se": chatcore_se, "skipped": skipped}

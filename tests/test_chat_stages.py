@@ -492,3 +492,9 @@ def test_chat_eval_end_to_end_offline(base_dir):
     assert data["chatcore"] == out["chatcore"] and "chatcore_se" in data
     with pytest.raises(UserError, match="no sft checkpoint"):
         chat_eval.main(["--device", "cpu", "--source", "sft", "--max-problems", "1"])
+    # nothing evaluated (every task needs a download here) is an error, and the section stays
+    with pytest.raises(UserError, match=r"^no task could be evaluated \(1 skipped, reasons above\)"):
+        chat_eval.main(["--device", "cpu", "--source", "mid", "--preset", "offline", "--task-name", "MMLU"])
+    assert json.loads((base_dir / "report" / "chat-eval-mid.json").read_text()) == data
+    with pytest.raises(UserError, match="--max-problems must be at least 1"):
+        chat_eval.main(["--device", "cpu", "--source", "mid", "--max-problems", "0"])
