@@ -85,6 +85,9 @@ def main(argv=None):
             continue
         if not command:
             continue
+        if command.startswith("/") and " " not in command:  # a mistyped command is not a question
+            print(f"(unknown command {command}: /clear starts over, /exit leaves)")
+            continue
         messages.append({"role": "user", "content": line})
         print("\nAssistant: ", end="", flush=True)
         try:

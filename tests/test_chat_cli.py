@@ -78,7 +78,8 @@ def test_decode_switches(base_dir, capsys):
 
 def test_interactive_history_clear_exit(base_dir, capsys, monkeypatch):
     save_tiny_checkpoint(base_dir, stage="mid")
-    lines = iter(["Hello!", "What is the capital of France?", "/clear", "  ", "How many r?", "/exit", "never read"])
+    lines = iter(["Hello!", "What is the capital of France?", "/clear", "  ", "/help", "How many r?", "/exit",
+                  "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     seen = []
     real_prompt = chat_cli.chat_prompt
@@ -90,10 +91,12 @@ def test_interactive_history_clear_exit(base_dir, capsys, monkeypatch):
     monkeypatch.setattr(chat_cli, "chat_prompt", spy)
     chat_cli.main(["--source", "mid", "--max-tokens", "8", "--device", "cpu"])
     out = capsys.readouterr().out
-    # the second question sees the first exchange; /clear starts over; blank lines are skipped
+    # the second question sees the first exchange; /clear starts over; blank lines and unknown commands
+    # are not sent
     assert seen == [["user"], ["user", "assistant", "user"], ["user"]]
     assert out.count("Assistant: ") == 3
     assert "(new conversation)" in out
+    assert "(unknown command /help: /clear starts over, /exit leaves)" in out
     assert next(lines) == "never read"
 
 
