@@ -38,6 +38,11 @@ def parse_args(argv=None):
     return args
 
 
+# how the calculator tool's special tokens are shown: <|python_start|>12*7<|python_end|>
+# <|output_start|>84<|output_end|> reads as [calculator: 12*7 -> 84] (the history keeps the tokens)
+SHOWN = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " -> ", "<|output_end|>": "]"}
+
+
 def reply(engine, messages, args, turn, out=None) -> str | None:
     """Stream the assistant's answer to `messages` into `out`; return its text, or None when
     the conversation no longer fits in the model's context."""
@@ -52,7 +57,8 @@ def reply(engine, messages, args, turn, out=None) -> str | None:
     for column, _ in stream:
         if column[0] in engine.stop_tokens:
             break
-        out.write(decoder.add(column[0]))
+        piece = decoder.add(column[0])
+        out.write(SHOWN.get(piece, piece))
         out.flush()
     out.write(decoder.flush() + "\n")
     out.flush()

@@ -109,3 +109,26 @@ def test_eof_ends_the_chat(base_dir, capsys, monkeypatch):
     monkeypatch.setattr("builtins.input", eof)
     chat_cli.main(["--device", "cpu"])
     assert "speedchat (sft" in capsys.readouterr().out
+
+
+def test_tool_calls_are_shown_readably_and_kept_as_tokens():
+    import argparse
+    import io
+
+    from engine import Engine
+    from test_engine import Scripted, make_model, make_tokenizer, script
+
+    tok = make_tokenizer()
+    special = tok.encode_special
+    messages = [{"role": "user", "content": "What is 12+30?"}]
+    start = len(chat_cli.chat_prompt(tok, messages))
+    call = [special("<|python_start|>"), *tok.encode("12+30"), special("<|python_end|>")]
+    after = start + len(call) + 3  # the engine forces <|output_start|> 42 <|output_end|> in between
+    assert len(tok.encode("42")) == 1, "the line above assumes 42 is one token"
+    says = tok.encode(" It is 42.") + [special("<|assistant_end|>")]
+    engine = Engine(Scripted(make_model(tok.get_vocab_size()), [script(start, call) | script(after, says)]), tok)
+    args = argparse.Namespace(max_tokens=40, temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    out = io.StringIO()
+    text = chat_cli.reply(engine, messages, args, 0, out)
+    assert out.getvalue() == "[calculator: 12+30 -> 42] It is 42.\n"
+    assert text == "<|python_start|>12+30<|python_end|><|output_start|>42<|output_end|> It is 42."
