@@ -160,6 +160,27 @@ def _fmt(metric: dict | None, key="acc") -> str:
     return f"{value:.4f} ± {se:.4f}" if se is not None else f"{value:.4f}"
 
 
+# each column's evaluation section, and the training sections whose models it depends on
+EVALUATED = {"BASE": ("base-eval", ["base-train"]), "MID": ("chat-eval-mid", ["base-train", "mid-train"]),
+             "SFT": ("chat-eval-sft", ["base-train", "mid-train", "chat-sft"])}
+
+
+def stale_notes() -> list[str]:
+    """A note for each column evaluated before a training stage it depends on was run again."""
+    def written(name):
+        path = report_dir() / f"{name}.md"
+        return path.stat().st_mtime if path.exists() else None
+
+    notes = []
+    for column, (evaluation, trainings) in EVALUATED.items():
+        when = written(evaluation)
+        newer = [t for t in trainings if when is not None and (written(t) or 0) > when]
+        if newer:
+            notes.append(f"The {column} figures were measured before the last run of {', '.join(newer)}: "
+                         f"they describe an earlier model.")
+    return notes
+
+
 def summary_table() -> str:
     """The summary table, then a note under it for every figure that is not the standard one: a
     CORE over fewer than all tasks or items, a ChatCORE over another task set than the six
@@ -199,6 +220,7 @@ def summary_table() -> str:
                          f"comparable ChatCORE ({', '.join(CHATCORE_TASKS)}).")
         cells.append(cell)
     rows.append("| ChatCORE | " + " | ".join(cells) + " |")
+    notes += stale_notes()
     for s in ("mid", "sft"):
         d = stages[s]
         if d.get("max_problems") is not None:

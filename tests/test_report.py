@@ -86,3 +86,14 @@ def test_bad_gpu_hour_prices_are_refused(monkeypatch):
         report.main(["reset"])
     with pytest.raises(report.UserError, match="no such directory"):
         report.main(["generate", "--gpu-hour-usd", "1", "--out-dir", "/nonexistent/dir"])
+
+
+def test_figures_of_an_earlier_model_are_flagged():
+    for name in ("base-train", "base-eval", "mid-train", "chat-eval-mid"):  # the speedrun's order
+        report.write_section(name, name)
+    assert "earlier model" not in report.summary_table()
+    mid_train = report.report_dir() / "mid-train.md"
+    later = (report.report_dir() / "chat-eval-mid.md").stat().st_mtime + 60
+    os.utime(mid_train, (later, later))  # mid-training ran again after its evaluation
+    notes = [line for line in report.summary_table().splitlines() if "earlier model" in line]
+    assert notes == ["- The MID figures were measured before the last run of mid-train: they describe an earlier model."]
