@@ -18,7 +18,8 @@ to --final-lr-frac over the last --warmdown-ratio of training; Muon's momentum w
 over the first 300 steps.
 
 Defaults for the device: CUDA -> bf16 autocast (SM80+), torch.compile, source fineweb-edu;
-otherwise fp32, no compile, source stdlib-docs (the offline corpus every machine has).
+otherwise fp32, no compile, source stdlib-docs (the offline corpus every machine has) and fewer
+validation tokens (--eval-tokens).
 --fp8 runs the blocks' matmuls in float8 (fp8.py; SM89+ GPUs such as the H100, or CPU for tests).
 SPEEDCHAT_DTYPE may force bfloat16 or float32; float16 is refused (it would need a gradient scaler).
 
@@ -53,6 +54,60 @@ SAMPLE_PROMPTS = [
     "The opposite of hot is",
     "Return a new list containing",
 ]
+
+
+# ---------------------------------------------------------------------------
+# Flags (the helpers here are shared with mid_train and chat_sft)
+
+
+def default_eval_tokens(device_type):
+    """Validation tokens per evaluation when --eval-tokens is not given."""
+    # off CUDA a few batches: the d20 amount would be minutes of silent validation on a CPU
+    return 20 * D20_TOTAL_BATCH_SIZE if device_type == "cuda" else 32768
+
+
+EVAL_TOKENS_HELP = (f"validation tokens per evaluation (default: {default_eval_tokens('cuda')} on CUDA, "
+                    f"{default_eval_tokens('cpu')} otherwise)")
+
+
+def show_defaults(parser):
+    """Append "(default: X)" to each flag's help, except where the default says nothing (None, '',
+    False: the help explains those) or the help already names the default."""
+    for action in parser._actions:
+        if not action.help or action.help == argparse.SUPPRESS or "default" in action.help:
+            continue
+        if action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS):
+            continue
+        action.help += " (default: %(default)s)"
+
+
+def check_training_args(args):
+    """The checks of the flags base_train, mid_train and chat_sft share (each flag where the stage
+    has it): a value that is neither valid nor the -1 sentinel would otherwise act like the default."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name in ("num_iterations", "total_batch_size", "eval_every", "save_every", "sample_every", "keep_last"):
+        value = getattr(args, name, None)  # None: not a flag of this stage, or mid_train's per-device default
+        if value is not None and value != -1 and value <= 0:
+            raise UserError(f"{flag(name)} must be positive or -1, got {value}")
+    for name in ("resume_step", "step"):
+        value = getattr(args, name, None)
+        if value is not None and value < -1:
+            raise UserError(f"{flag(name)} must be >= 0, or -1 for the latest, got {value}")
+    for name in ("eval_tokens", "eval_examples"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise UserError(f"{flag(name)} must be positive, got {value}")
+    # a learning rate of 0 freezes those weights, which is allowed; `not >=` also catches nan
+    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay"):
+        if not getattr(args, name) >= 0:
+            raise UserError(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
+    for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"{flag(name)} must be between 0 and 1, got {value}")
+    return args
 
 
 def get_args(argv=None):
@@ -94,22 +149,20 @@ def get_args(argv=None):
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr at the end, as a fraction of the peak")
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval-every", type=int, default=250, help="validation bits-per-byte every N steps (-1 = only at the end)")
-    g.add_argument("--eval-tokens", type=int, default=20 * D20_TOTAL_BATCH_SIZE, help="validation tokens per evaluation")
+    g.add_argument("--eval-tokens", type=int, default=None, help=EVAL_TOKENS_HELP)
     g.add_argument("--sample-every", type=int, default=2000, help="print greedy samples every N steps (-1 = only at the end)")
     g.add_argument("--log-every", type=int, default=1, help="print a step line every N steps (each costs one GPU sync)")
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (-1 = only at the end)")
     g.add_argument("--keep-last", type=int, default=2, help="keep only the newest K checkpoints (-1 = keep all)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of --model-tag")
     g.add_argument("--resume-step", type=int, default=-1, help="with --resume: the step to continue from (-1 = latest)")
-    for action in p._actions:  # show the defaults that say something
-        if action.default not in (None, "", False, argparse.SUPPRESS) and action.help:
-            action.help += " (default: %(default)s)"
+    show_defaults(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # `python -m base_train -- --depth 20` too
     for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "log_every"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    return args
+    return check_training_args(args)
 
 
 # ---------------------------------------------------------------------------
@@ -288,6 +341,7 @@ def train(args, ddp, rank, world_size, device):
         if not ok:
             raise UserError(f"--fp8: {reason}: train without --fp8")
     source = args.source or ("fineweb-edu" if device.type == "cuda" else "stdlib-docs")
+    eval_tokens = args.eval_tokens if args.eval_tokens is not None else default_eval_tokens(device.type)
     tag = args.model_tag or f"d{args.depth}"
     ckpt_dir = checkpoint.checkpoint_dir("base", tag)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -324,7 +378,7 @@ def train(args, ddp, rank, world_size, device):
 
     train_config = dict(vars(args), source=source, model_tag=tag, device=device.type, dtype=str(dtype),
                         compile=use_compile, world_size=world_size, total_batch_size=total_batch_size,
-                        grad_accum_steps=grad_accum, num_iterations=num_iterations)
+                        grad_accum_steps=grad_accum, num_iterations=num_iterations, eval_tokens=eval_tokens)
     print0(f"model {tag}: {asdict(config)}")
     print0(f"parameters: {num_params:,} | FLOPs/token: {flops_per_token:.3e} | vocab: {tokenizer.get_vocab_size():,}")
     print0(f"batch: {total_batch_size:,} tokens/step = {args.device_batch_size} x {args.max_seq_len} x "
@@ -375,7 +429,7 @@ def train(args, ddp, rank, world_size, device):
 
     wandb_run = init_wandb(args.run, "speedchat", train_config, master)
     peak = peak_flops(device, dtype)
-    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
+    eval_steps = max(1, eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
     ema_beta = 0.9
     last_log_time, last_log_step = None, step
 

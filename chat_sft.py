@@ -28,6 +28,7 @@ import argparse
 
 import numpy as np
 
+from base_train import show_defaults
 from common import UserError, autodetect_device, compute_cleanup, compute_init, run_main
 from mid_train import (ConversationBatches, PackedBatches, add_data_flags, add_training_flags, arc_path, check_args,
                        offline_val_tasks, train_chat)
@@ -81,7 +82,7 @@ class PaddedBatches(ConversationBatches):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Supervised fine-tuning on conversations (loss on the assistant's "
-                                            "tokens only).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "tokens only).")
     add_training_flags(p, source="mid", device_batch_size=4, eval_every=100, save_every=-1,
                        init_lr_frac=0.02, warmdown_ratio=1.0)
     add_data_flags(p)
@@ -92,6 +93,7 @@ def get_args(argv=None):
                    help="pad: one conversation per row; pack: fill rows with several (like mid_train)")
     g.add_argument("--eval-examples", type=int, default=3200,
                    help="validation rows per evaluation (at most the size of the validation set)")
+    show_defaults(p)
     return check_args(p.parse_args(argv))
 
 

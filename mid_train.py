@@ -41,8 +41,9 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from base_train import (D20_TOTAL_BATCH_SIZE, check_finite_loss, derive_batch, evaluate_bpb, get_rng_state,
-                        is_muon, muon_momentum, peak_flops, set_rng_state, step_line, training_dtype)
+from base_train import (D20_TOTAL_BATCH_SIZE, EVAL_TOKENS_HELP, check_finite_loss, check_training_args,
+                        default_eval_tokens, derive_batch, evaluate_bpb, get_rng_state, is_muon, muon_momentum,
+                        peak_flops, set_rng_state, show_defaults, step_line, training_dtype)
 from common import (UserError, autodetect_device, compute_cleanup, compute_init, format_seconds, get_base_dir,
                     init_wandb, print0, run_main)
 
@@ -80,7 +81,7 @@ def add_training_flags(p, *, source, device_batch_size, eval_every, save_every, 
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="", help="cuda | cpu | mps ('' = autodetect)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA with packed rows, off otherwise)")
+                   help="torch.compile the model (default: on for mid_train on CUDA, off otherwise)")
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
     g.add_argument("--seed", type=int, default=42, help="random seed")
     g = p.add_argument_group("model")
@@ -112,6 +113,7 @@ def add_training_flags(p, *, source, device_batch_size, eval_every, save_every, 
 
 
 def check_args(args):
+    check_training_args(args)  # the checks shared with base_train
     for name in ("device_batch_size",):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -119,6 +121,8 @@ def check_args(args):
         raise UserError(f"--max-seq-len must be positive (or 0 for the model's), got {args.max_seq_len}")
     if args.num_iterations <= 0 and args.num_epochs <= 0:
         raise UserError("no training horizon: give --num-epochs > 0 or --num-iterations > 0")
+    if not args.init_lr_frac > 0:  # 0 would train nothing
+        raise UserError(f"--init-lr-frac must be positive, got {args.init_lr_frac}")
     return args
 
 
@@ -669,8 +673,7 @@ def train_chat(args, spec, ddp, rank, world_size, device):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Mid-train the base model on a mixture of conversations "
-                                            "(chat format, multiple choice, tool use).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "(chat format, multiple choice, tool use).")
     add_training_flags(p, source="base", device_batch_size=32, eval_every=150, save_every=500,
                        init_lr_frac=1.0, warmdown_ratio=0.2)
     add_data_flags(p)
@@ -678,8 +681,8 @@ def get_args(argv=None):
     g.add_argument("--total-batch-size", type=int, default=None,
                    help=f"tokens per optimizer step (-1 = device batch x seq len x processes, no accumulation; "
                         f"default: {D20_TOTAL_BATCH_SIZE} on CUDA, -1 otherwise)")
-    g.add_argument("--eval-tokens", type=int, default=None,
-                   help=f"validation tokens per evaluation (default: {20 * D20_TOTAL_BATCH_SIZE} on CUDA, 32768 otherwise)")
+    g.add_argument("--eval-tokens", type=int, default=None, help=EVAL_TOKENS_HELP)
+    show_defaults(p)
     return check_args(p.parse_args(argv))
 
 
@@ -699,8 +702,7 @@ def make_packed(args):
 
 
 def packed_eval_steps(args, T, world_size, device, num_val):
-    tokens = args.eval_tokens if args.eval_tokens is not None else (
-        20 * D20_TOTAL_BATCH_SIZE if device.type == "cuda" else 32768)
+    tokens = args.eval_tokens if args.eval_tokens is not None else default_eval_tokens(device.type)
     return max(1, tokens // (args.device_batch_size * T * world_size))
 
 

@@ -4,6 +4,7 @@ exact resume, validation bpb going down, clear errors, the report section."""
 import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,36 @@ def test_horizon_from_param_data_ratio():
     assert base_train.derive_num_iterations(args, num_params=1_000_000, total_batch_size=1000) == 20_000
     args = base_train.get_args(["--num-iterations", "7"])
     assert base_train.derive_num_iterations(args, num_params=1_000_000, total_batch_size=1000) == 7
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--num-iterations", "-5"], "--num-iterations must be positive or -1, got -5"),  # not silently derived
+    (["--num-iterations", "0"], "--num-iterations must be positive or -1, got 0"),
+    (["--total-batch-size", "0"], "--total-batch-size must be positive or -1, got 0"),
+    (["--keep-last", "0"], "--keep-last must be positive or -1, got 0"),
+    (["--resume-step", "-3"], "--resume-step must be >= 0, or -1 for the latest, got -3"),
+    (["--eval-tokens", "0"], "--eval-tokens must be positive, got 0"),
+    (["--matrix-lr", "-1"], "--matrix-lr must be >= 0, got -1.0"),
+    (["--embedding-lr", "nan"], "--embedding-lr must be >= 0, got nan"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio must be between 0 and 1, got 1.5"),
+    (["--final-lr-frac", "-1"], "--final-lr-frac must be between 0 and 1, got -1.0"),
+])
+def test_bad_flags_are_refused(flags, match):
+    with pytest.raises(UserError, match=re.escape(match)):
+        base_train.get_args(flags)
+
+
+def test_flag_sentinels_and_zero_learning_rate_are_accepted():
+    args = base_train.get_args(["--num-iterations", "-1", "--keep-last", "-1", "--total-batch-size", "-1",
+                                "--embedding-lr", "0", "--warmdown-ratio", "1"])  # lr 0 freezes the embedding
+    assert args.num_iterations == -1 and args.embedding_lr == 0
+
+
+def test_eval_tokens_default_is_small_off_cuda():
+    assert base_train.get_args([]).eval_tokens is None  # resolved per device in train()
+    assert base_train.default_eval_tokens("cuda") == 20 * base_train.D20_TOTAL_BATCH_SIZE
+    assert base_train.default_eval_tokens("cpu") == 32768  # not minutes of silent validation on a CPU
 
 
 class FixedLossModel:
@@ -128,6 +159,11 @@ def test_help_runs_as_a_module():
     assert out.returncode == 0, out.stderr
     for flag in ("--depth", "--resume", "--total-batch-size", "--target-param-data-ratio", "--eval-every"):
         assert flag in out.stdout
+    text = " ".join(out.stdout.split())  # undo argparse's line wrapping
+    for flag, default in (("--weight-decay", "0.0"), ("--warmup-ratio", "0.0"), ("--final-lr-frac", "0.0")):
+        assert re.search(rf"{flag} \S+ [^-]*\(default: {re.escape(default)}\)", text), flag
+    assert "(default: 10485760 on CUDA, 32768 otherwise)" in text
+    assert "(default: None)" not in text and "(default: )" not in text
 
 
 # ---------------------------------------------------------------------------

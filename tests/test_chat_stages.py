@@ -3,6 +3,7 @@ on CPU from a tiny base checkpoint (offline preset), and chat_eval's scoring wit
 
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -92,6 +93,26 @@ def test_help_runs_as_a_module():
         assert proc.returncode == 0, err
         for flag in flags[name]:
             assert flag in out, (name, flag)
+        if name != "chat_eval":  # each default shown once, and only where it says something
+            text = " ".join(out.split())
+            assert "(default: None)" not in text and "(default: )" not in text, name
+            assert "off otherwise) (default" not in text, name
+            assert re.search(r"--weight-decay \S+ weight decay \(default: 0\.0\)", text), name
+
+
+@pytest.mark.parametrize("module, flags, match", [
+    (mid_train, ["--num-iterations", "-3"], "--num-iterations must be positive or -1, got -3"),  # not a full epoch
+    (mid_train, ["--matrix-lr", "-1"], "--matrix-lr must be >= 0, got -1.0"),
+    (mid_train, ["--init-lr-frac", "0"], "--init-lr-frac must be positive, got 0.0"),
+    (mid_train, ["--step", "-2"], "--step must be >= 0, or -1 for the latest, got -2"),
+    (mid_train, ["--eval-tokens", "0"], "--eval-tokens must be positive, got 0"),
+    (chat_sft, ["--num-iterations", "0"], "--num-iterations must be positive or -1, got 0"),
+    (chat_sft, ["--warmdown-ratio", "1.5"], "--warmdown-ratio must be between 0 and 1, got 1.5"),
+    (chat_sft, ["--eval-examples", "0"], "--eval-examples must be positive, got 0"),
+])
+def test_bad_flags_are_refused(module, flags, match):
+    with pytest.raises(UserError, match=re.escape(match)):
+        module.get_args(flags)
 
 
 def test_lr_schedule():
