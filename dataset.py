@@ -4,7 +4,7 @@ folder of text into shards, and read documents back for the tokenizer and the da
 Every source has the same layout: $SPEEDCHAT_BASE_DIR/data/<source>/shard_NNNNN.parquet, one
 column `text`, row groups of ~1024 documents; the last shard is the validation split.
 
-    python -m dataset -n 170                      # FineWeb-edu: shards 0..169 + the last (validation)
+    python -m dataset -n 240                      # FineWeb-edu: shards 0..239 + the last (validation)
     python -m dataset --source stdlib-docs        # offline: Python standard library documentation
     python -m dataset --source dir:/path/to/texts # .txt / .md / .jsonl / .parquet files, or ready shards
 """
@@ -71,7 +71,7 @@ def ensure_source(source: str) -> Path:
     folder = source_dir(source)
     shards = sorted(folder.glob("shard_*.parquet"))
     if len(shards) < 2:
-        raise UserError(f"no {source} shards in {folder}: run `python -m dataset --source {source} -n 170` "
+        raise UserError(f"no {source} shards in {folder}: run `python -m dataset --source {source} -n 240` "
                         f"(or {OFFLINE_HINT})")
     if not (folder / shard_name(FINEWEB_LAST)).exists():
         raise UserError(f"the validation shard {shard_name(FINEWEB_LAST)} is missing in {folder}: "
@@ -671,13 +671,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Download or build pretraining shards.")
     parser.add_argument("--source", default="fineweb-edu", help=f"data source: {SOURCES_HELP} (default fineweb-edu)")
     parser.add_argument("-n", "--num-shards", type=int, default=8,
-                        help="fineweb-edu: download the first N train shards plus the last (validation); -1 = all 1822")
-    parser.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads")
+                        help="fineweb-edu: download the first N train shards plus the last (validation); "
+                             "-1 = all 1822; a d20 run uses 240 (default: %(default)s)")
+    parser.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads (default: %(default)s)")
     parser.add_argument("--url", default=None,
                         help=f"base URL of the shards (default $SPEEDCHAT_FINEWEB_URL or {FINEWEB_URL})")
-    parser.add_argument("--retries", type=int, default=5, help="retries per shard, with exponential backoff")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
+    parser.add_argument("--retries", type=int, default=5,
+                        help="retries per shard, with exponential backoff (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds without data before a retry (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.num_shards < -1:  # would otherwise download all 1822 like -1
+        raise UserError(f"-n/--num-shards must be >= 0, or -1 for all, got {args.num_shards}")
     if args.source == "fineweb-edu":
         folder = download_fineweb(args.num_shards, args.workers, args.url, args.retries, timeout=args.timeout)
     else:

@@ -364,7 +364,7 @@ def test_offline_fails_fast_in_one_line(base_dir):
 
 
 def test_missing_fineweb_says_what_to_run(base_dir):
-    with pytest.raises(UserError, match=r"python -m dataset --source fineweb-edu -n"):
+    with pytest.raises(UserError, match=r"python -m dataset --source fineweb-edu -n 240`"):  # as speedrun.sh
         dataset.list_shards("fineweb-edu")
 
 
@@ -374,3 +374,10 @@ def test_cli_help():
     assert proc.returncode == 0
     for flag in ("--source", "-n", "--workers", "--url", "--retries"):
         assert flag in proc.stdout
+    text = " ".join(proc.stdout.split())
+    assert "(default: 8) -w WORKERS" in text  # -n's default, right before the next flag
+
+
+def test_cli_refuses_negative_num_shards(base_dir):
+    with pytest.raises(UserError, match=r"-n/--num-shards must be >= 0, or -1 for all, got -5"):
+        dataset.main(["-n", "-5"])  # not a download of all 1822 shards

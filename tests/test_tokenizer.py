@@ -397,6 +397,16 @@ def test_train_script_bad_input_is_one_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_script_help_shows_defaults(tmp_path):
+    train = run_script("tokenizer.train", "--help", base_dir=tmp_path)
+    assert train.returncode == 0, train.stderr
+    assert "including the 9 special tokens (default: 65536)" in " ".join(train.stdout.split())
+    evaluate = run_script("tokenizer.eval", "--help", base_dir=tmp_path)
+    assert evaluate.returncode == 0, evaluate.stderr
+    text = " ".join(evaluate.stdout.split())
+    assert "--gpt2-dir" in text and "../shared" not in text  # no developer-only path
+
+
 def test_eval_script_offline(corpus_dir, tok, tmp_path):
     base = tmp_path / "base"
     tok.save(base / "tokenizer")

@@ -4,9 +4,9 @@ next to GPT-2's and GPT-4's (cl100k_base).
 
     python -m tokenizer.eval [--data /path/to/shards] [--gpt2-dir DIR] [--offline]
 
-GPT-2 is rebuilt offline from its vocab.json + merges (--gpt2-dir; default ../shared/data/gpt2_bpe
-beside the repo when it exists), else fetched by tiktoken. cl100k_base comes from tiktoken's
-cache or the internet; an encoding that can't be had is shown as n/a with the reason.
+GPT-2 is rebuilt offline from a local folder with its vocab and merges files (--gpt2-dir), else
+fetched by tiktoken. cl100k_base comes from tiktoken's cache or the internet; an encoding that
+can't be had is shown as n/a with the reason.
 """
 
 import argparse
@@ -19,7 +19,7 @@ from common import UserError, print0, run_main
 from tokenizer import Tokenizer, get_tokenizer, get_tokenizer_dir, load_gpt2_encoding
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_GPT2_DIR = REPO_ROOT.parent / "shared" / "data" / "gpt2_bpe"
+DEFAULT_GPT2_DIR = REPO_ROOT.parent / "shared" / "data" / "gpt2_bpe"  # the --gpt2-dir default when it exists
 TIKTOKEN_HOST = ("openaipublic.blob.core.windows.net", 443)  # where tiktoken downloads encodings from
 
 # ---------------------------------------------------------------------------
@@ -160,11 +160,15 @@ def parse_args(argv=None):
     p.add_argument("--source", default="",
                    help="dataset source whose validation split is measured when no --data is given "
                         "(fineweb-edu | stdlib-docs | dir:PATH; default stdlib-docs)")
-    p.add_argument("--doc-cap", type=int, default=10000, help="characters per document read from --data")
-    p.add_argument("--max-val-chars", type=float, default=5e6, help="evaluate on at most this many validation characters")
-    p.add_argument("--gpt2-dir", default=str(DEFAULT_GPT2_DIR) if DEFAULT_GPT2_DIR.exists() else None,
-                   help="folder with GPT-2's gpt2_vocab.json + gpt2_merges.txt (default: ../shared/data/gpt2_bpe "
-                        "when it exists, else tiktoken's download)")
+    p.add_argument("--doc-cap", type=int, default=10000,
+                   help="characters per document read from --data (default: %(default)s)")
+    p.add_argument("--max-val-chars", type=float, default=5e6,
+                   help="evaluate on at most this many validation characters (default: %(default)g)")
+    gpt2_default = str(DEFAULT_GPT2_DIR) if DEFAULT_GPT2_DIR.exists() else None
+    gpt2_default_help = "%(default)s" if gpt2_default else "none: tiktoken downloads GPT-2"
+    p.add_argument("--gpt2-dir", default=gpt2_default,
+                   help="a local folder with GPT-2's vocab and merges files (gpt2_vocab.json, gpt2_merges.txt), "
+                        f"for comparing with GPT-2 offline (default: {gpt2_default_help})")
     p.add_argument("--offline", action="store_true", help="never download: use only local files and tiktoken's cache")
     return p.parse_args(argv)
 

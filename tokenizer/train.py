@@ -20,13 +20,17 @@ DATA_SUFFIXES = (".parquet", ".txt")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the speedchat BPE tokenizer.")
-    p.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size, including the 9 special tokens")
-    p.add_argument("--max-chars", type=float, default=2e9, help="train on at most this many characters")
-    p.add_argument("--doc-cap", type=int, default=10000, help="use at most this many characters of each document")
+    p.add_argument("--vocab-size", type=int, default=65536,
+                   help="vocabulary size, including the 9 special tokens (default: %(default)s)")
+    p.add_argument("--max-chars", type=float, default=2e9,
+                   help="train on at most this many characters (default: %(default)g)")
+    p.add_argument("--doc-cap", type=int, default=10000,
+                   help="use at most this many characters of each document (default: %(default)s)")
     p.add_argument("--source", default="stdlib-docs",
-                   help="dataset source used when --data is not given: stdlib-docs | fineweb-edu | dir:PATH")
+                   help="dataset source used when --data is not given: stdlib-docs | fineweb-edu | dir:PATH "
+                        "(default: %(default)s)")
     p.add_argument("--data", nargs="*", default=None,
-                   help="parquet files (column `text`), .txt files or folders of them; default: the stdlib-docs source")
+                   help="parquet files (column `text`), .txt files or folders of them; default: the --source")
     return p.parse_args(argv)
 
 
