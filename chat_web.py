@@ -424,12 +424,18 @@ function setBusy(busy) {
   sendButton.textContent = busy ? 'Stop' : 'Send';
 }
 
+// a calculator call reads as [calculator: 12*7 -> 84]; messages keep the tokens (sent back as history)
+const SHOWN = {'<|python_start|>': '[calculator: ', '<|python_end|>': '', '<|output_start|>': ' -> ', '<|output_end|>': ']'};
+function shown(text) {
+  return text.replace(/<\|(python|output)_(start|end)\|>/g, (marker) => SHOWN[marker]);
+}
+
 function render() {
   chat.innerHTML = '';
   messages.forEach((m, i) => {
     const div = document.createElement('div');
     div.className = 'msg ' + m.role;
-    div.textContent = m.content;
+    div.textContent = m.role === 'assistant' ? shown(m.content) : m.content;
     div.title = 'click to edit';
     div.onclick = () => edit(i, div);
     chat.appendChild(div);
@@ -502,7 +508,7 @@ async function generate() {
         const delta = data.choices[0].delta.content;
         if (delta) {
           reply.content += delta;
-          div.textContent = reply.content;
+          div.textContent = shown(reply.content);
           window.chunksReceived += 1;
           chat.scrollTop = chat.scrollHeight;
         }

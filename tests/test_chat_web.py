@@ -342,3 +342,7 @@ def test_page_streams_a_reply_and_edits_history(server, browser):
 
     browser.find_element(By.ID, "new").click()
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
+
+    # how a reply with a calculator call is shown (the random model makes none: shown() directly)
+    raw = "Sure. <|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> It is 84."
+    assert browser.execute_script("return shown(arguments[0])", raw) == "Sure. [calculator: 12*7 -> 84] It is 84."
