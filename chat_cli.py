@@ -12,7 +12,7 @@ import sys
 import argparse
 
 from common import UserError, resolve_device, run_main
-from engine import StreamDecoder, add_decode_flags, assistant_parts, chat_prompt, load_engine
+from engine import SHOWN_MARKERS, StreamDecoder, add_decode_flags, assistant_parts, chat_prompt, load_engine
 
 
 def parse_args(argv=None):
@@ -38,11 +38,6 @@ def parse_args(argv=None):
     return args
 
 
-# how the calculator tool's special tokens are shown: <|python_start|>12*7<|python_end|>
-# <|output_start|>84<|output_end|> reads as [calculator: 12*7 -> 84] (the history keeps the tokens)
-SHOWN = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " -> ", "<|output_end|>": "]"}
-
-
 def reply(engine, messages, args, turn, out=None) -> str | None:
     """Stream the assistant's answer to `messages` into `out`; return its text, or None when
     the conversation no longer fits in the model's context."""
@@ -58,7 +53,7 @@ def reply(engine, messages, args, turn, out=None) -> str | None:
         if column[0] in engine.stop_tokens:
             break
         piece = decoder.add(column[0])
-        out.write(SHOWN.get(piece, piece))
+        out.write(SHOWN_MARKERS.get(piece, piece))  # the history keeps the tokens
         out.flush()
     out.write(decoder.flush() + "\n")
     out.flush()

@@ -33,7 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import UserError, print0, resolve_device, run_main
-from engine import StreamDecoder, add_decode_flags, chat_prompt, load_engine
+from engine import SHOWN_MARKERS, StreamDecoder, add_decode_flags, chat_prompt, load_engine
 
 
 @dataclass
@@ -425,9 +425,9 @@ function setBusy(busy) {
 }
 
 // a calculator call reads as [calculator: 12*7 -> 84]; messages keep the tokens (sent back as history)
-const SHOWN = {'<|python_start|>': '[calculator: ', '<|python_end|>': '', '<|output_start|>': ' -> ', '<|output_end|>': ']'};
+const SHOWN = __SHOWN_MARKERS__;
 function shown(text) {
-  return text.replace(/<\|(python|output)_(start|end)\|>/g, (marker) => SHOWN[marker]);
+  return text.replace(/<\\|(python|output)_(start|end)\\|>/g, (marker) => SHOWN[marker]);
 }
 
 function render() {
@@ -545,7 +545,7 @@ document.getElementById('new').onclick = () => {
 };
 </script>
 </body></html>
-"""
+""".replace("__SHOWN_MARKERS__", json.dumps(SHOWN_MARKERS))
 
 
 if __name__ == "__main__":

@@ -472,6 +472,9 @@ def load_engine(source="sft", device="cpu", tag=None, step=None, decode="auto", 
 # Text helpers shared by chat_cli and chat_web
 
 TOOL_MARKERS = {"<|python_start|>": ("<|python_end|>", "python"), "<|output_start|>": ("<|output_end|>", "python_output")}
+# how chat_cli and the chat page show a tool call to people: <|python_start|>12*7<|python_end|>
+# <|output_start|>84<|output_end|> reads as [calculator: 12*7 -> 84]
+SHOWN_MARKERS = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " -> ", "<|output_end|>": "]"}
 
 
 def assistant_parts(text: str):
