@@ -87,6 +87,9 @@ def check_training_args(args):
     def flag(name):
         return "--" + name.replace("_", "-")
 
+    for name in ("device_batch_size", "log_every"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("num_iterations", "total_batch_size", "eval_every", "save_every", "sample_every", "keep_last"):
         value = getattr(args, name, None)  # None: not a flag of this stage, or mid_train's per-device default
         if value is not None and value != -1 and value <= 0:
@@ -159,7 +162,7 @@ def get_args(argv=None):
     show_defaults(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # `python -m base_train -- --depth 20` too
-    for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "log_every"):
+    for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return check_training_args(args)

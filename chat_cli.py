@@ -12,7 +12,7 @@ import sys
 import argparse
 
 from common import UserError, resolve_device, run_main
-from engine import SHOWN_MARKERS, StreamDecoder, add_decode_flags, assistant_parts, chat_prompt, load_engine
+from engine import StreamDecoder, add_decode_flags, assistant_parts, chat_prompt, load_engine, shown
 
 
 def parse_args(argv=None):
@@ -53,7 +53,7 @@ def reply(engine, messages, args, turn, out=None) -> str | None:
         if column[0] in engine.stop_tokens:
             break
         piece = decoder.add(column[0])
-        out.write(SHOWN_MARKERS.get(piece, piece))  # the history keeps the tokens
+        out.write(shown(piece))  # the history keeps the tokens
         out.flush()
     out.write(decoder.flush() + "\n")
     out.flush()

@@ -336,7 +336,8 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--temperature", type=float, default=0.6, help="temperature when a request gives none")
     p.add_argument("--top-k", type=int, default=50, help="top-k when a request gives none (0 = off)")
-    p.add_argument("--max-tokens", type=int, default=512, help="reply length when a request gives no max_tokens")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="reply length when a request gives no max_tokens (default: 512, or the limit if lower)")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask for")
     p.add_argument("--max-messages", type=int, default=200, help="most messages in one request")
     p.add_argument("--max-message-chars", type=int, default=20_000, help="longest message, in characters")
@@ -351,7 +352,7 @@ def check_port(host, port):
     binds it again later (with SO_REUSEADDR, as here), so a port another process takes in between
     still fails there."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
@@ -369,7 +370,7 @@ def main(argv=None):
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     limits = Limits(max_messages=args.max_messages, max_message_chars=args.max_message_chars,
                     max_prompt_tokens=args.max_prompt_tokens or None, max_tokens=args.max_tokens_limit,
-                    default_max_tokens=args.max_tokens,
+                    default_max_tokens=min(512, args.max_tokens_limit) if args.max_tokens is None else args.max_tokens,
                     default_temperature=args.temperature, default_top_k=args.top_k)
     device = resolve_device(args.device)
     check_port(args.host, args.port)  # before the model loads, which can take a while

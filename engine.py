@@ -23,6 +23,7 @@ does not wait for the host's bookkeeping between tokens.
 """
 
 import copy
+import re
 import threading
 from collections import OrderedDict, deque
 
@@ -442,8 +443,8 @@ def add_decode_flags(p):
     p.add_argument("--decode", default="auto", choices=DECODE_MODES,
                    help="decode steps: auto = CUDA graphs on CUDA, eager elsewhere (see engine.Engine)")
     p.add_argument("--compile-decode", action="store_true",
-                   help="torch.compile the static decode step: faster batch-1 tokens on CUDA after "
-                        "a compilation of tens of seconds on the first replies")
+                   help="torch.compile the static decode step (--decode graph or static; auto is graph on "
+                        "CUDA): faster batch-1 tokens after a compilation of tens of seconds on the first replies")
 
 
 def load_engine(source="sft", device="cpu", tag=None, step=None, decode="auto", compile_decode=False):
@@ -475,6 +476,12 @@ TOOL_MARKERS = {"<|python_start|>": ("<|python_end|>", "python"), "<|output_star
 # how chat_cli and the chat page show a tool call to people: <|python_start|>12*7<|python_end|>
 # <|output_start|>84<|output_end|> reads as [calculator: 12*7 -> 84]
 SHOWN_MARKERS = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " -> ", "<|output_end|>": "]"}
+_MARKER = re.compile("|".join(map(re.escape, SHOWN_MARKERS)))
+
+
+def shown(text: str) -> str:
+    """`text` as people see it: tool markers replaced by SHOWN_MARKERS (the chat page's JS does the same)."""
+    return _MARKER.sub(lambda m: SHOWN_MARKERS[m.group()], text)
 
 
 def assistant_parts(text: str):

@@ -114,9 +114,6 @@ def add_training_flags(p, *, source, device_batch_size, eval_every, save_every, 
 
 def check_args(args):
     check_training_args(args)  # the checks shared with base_train
-    for name in ("device_batch_size",):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_seq_len < 0:
         raise UserError(f"--max-seq-len must be positive (or 0 for the model's), got {args.max_seq_len}")
     if args.num_iterations <= 0 and args.num_epochs <= 0:

@@ -165,12 +165,14 @@ EVALUATED = {"BASE": ("base-eval", ["base-train"]), "MID": ("chat-eval-mid", ["b
              "SFT": ("chat-eval-sft", ["base-train", "mid-train", "chat-sft"])}
 
 
+def written(name: str) -> float | None:
+    """When section `name` was last written (its file's mtime), None if it was not."""
+    path = report_dir() / f"{name}.md"
+    return path.stat().st_mtime if path.exists() else None
+
+
 def stale_notes() -> list[str]:
     """A note for each column evaluated before a training stage it depends on was run again."""
-    def written(name):
-        path = report_dir() / f"{name}.md"
-        return path.stat().st_mtime if path.exists() else None
-
     notes = []
     for column, (evaluation, trainings) in EVALUATED.items():
         when = written(evaluation)
@@ -214,7 +216,7 @@ def summary_table() -> str:
             continue
         cell = _fmt({"acc": d["chatcore"], "se": d.get("chatcore_se")})
         tasks = d.get("chatcore_tasks", [])
-        if tasks != CHATCORE_TASKS:
+        if set(tasks) != set(CHATCORE_TASKS):
             cell += " (see note)"
             notes.append(f"ChatCORE {s.upper()} averages {', '.join(tasks)}, not the six tasks of the "
                          f"comparable ChatCORE ({', '.join(CHATCORE_TASKS)}).")
@@ -281,8 +283,7 @@ def generate(copy_to: Path | None, gpu_hour_usd: float | None = None):
         summary += [f"![{p}]({p})" for p in pngs] + [""]
     # the run's time: from `report reset` to the last stage section written (not to now: a report
     # generated again later must not grow), interruptions included
-    ends = [(report_dir() / f"{name}.md").stat().st_mtime for name in SECTION_ORDER[1:]
-            if (report_dir() / f"{name}.md").exists()]
+    ends = [t for t in map(written, SECTION_ORDER[1:]) if t is not None]
     if "start_time" in header and ends:
         elapsed = max(ends) - header["start_time"]
         hours = elapsed / 3600
@@ -295,13 +296,13 @@ def generate(copy_to: Path | None, gpu_hour_usd: float | None = None):
     text = "# speedchat report\n\n" + "\n".join(parts[:1]) + "\n" + "\n".join(summary) + "\n\n" + "\n".join(parts[1:])
     out = base_dir / "report.md"
     atomic_write(out, text)
-    written = [out]
+    copies = [out]
     if copy_to is not None and copy_to.resolve() != base_dir.resolve():
         atomic_write(copy_to / "report.md", text)
         for png in pngs:
             shutil.copyfile(base_dir / png, copy_to / png)
-        written.append(copy_to / "report.md")
-    for path in written:
+        copies.append(copy_to / "report.md")
+    for path in copies:
         print0(f"wrote {path}")
     return out
 
@@ -312,8 +313,9 @@ def main(argv=None):
                         help="reset: start a new report (removes every section) with the header; "
                              "generate: write report.md from the sections written so far")
     parser.add_argument("--gpu-hour-usd", type=float, default=None,
-                        help="price of one GPU-hour for the cost estimate (default: $SPEEDCHAT_GPU_HOUR_USD, "
-                             f"else {DEFAULT_GPU_HOUR_USD:.2f}; generate: the rate reset recorded)")
+                        help="price of one GPU-hour for the cost estimate (default: $SPEEDCHAT_GPU_HOUR_USD; "
+                             f"when that is unset, reset uses {DEFAULT_GPU_HOUR_USD:.2f} and generate the rate "
+                             "reset recorded)")
     parser.add_argument("--out-dir", default=".", help="where generate also copies report.md and the plots ('' for the base dir only)")
     args = parser.parse_args(argv)
     rate = args.gpu_hour_usd

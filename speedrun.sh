@@ -13,7 +13,7 @@ set -euo pipefail
 CALLER_DIR=$PWD  # report.md is copied here at the end
 export SPEEDCHAT_BASE_DIR="${SPEEDCHAT_BASE_DIR:-$HOME/.cache/speedchat}"
 mkdir -p "$SPEEDCHAT_BASE_DIR"
-SPEEDCHAT_BASE_DIR=$(cd "$SPEEDCHAT_BASE_DIR" && pwd)  # a relative one is relative to where you ran this
+SPEEDCHAT_BASE_DIR=$(CDPATH= cd -- "$SPEEDCHAT_BASE_DIR" && pwd)  # a relative one is relative to where you ran this
 cd "$(dirname "$0")"
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

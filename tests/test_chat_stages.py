@@ -109,6 +109,8 @@ def test_help_runs_as_a_module():
     (chat_sft, ["--num-iterations", "0"], "--num-iterations must be positive or -1, got 0"),
     (chat_sft, ["--warmdown-ratio", "1.5"], "--warmdown-ratio must be between 0 and 1, got 1.5"),
     (chat_sft, ["--eval-examples", "0"], "--eval-examples must be positive, got 0"),
+    (chat_sft, ["--log-every", "0"], "--log-every must be positive, got 0"),  # was a ZeroDivisionError mid-run
+    (mid_train, ["--device-batch-size", "0"], "--device-batch-size must be positive, got 0"),
 ])
 def test_bad_flags_are_refused(module, flags, match):
     with pytest.raises(UserError, match=re.escape(match)):

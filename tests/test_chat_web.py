@@ -169,6 +169,8 @@ def test_bad_flags_and_a_taken_port_fail_before_the_model_loads(tmp_path, monkey
                            (["--top-k", "-2"], "--top-k must be >= 0 (0 = off), got -2")]:
         with pytest.raises(UserError, match=re.escape(message)):
             chat_web.main(["--device", "cpu"] + flags)
+    with pytest.raises(UserError, match="no sft checkpoint"):  # a lower limit alone lowers the default reply length
+        chat_web.main(["--device", "cpu", "--max-tokens-limit", "256"])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

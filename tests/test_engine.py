@@ -307,6 +307,15 @@ def test_stream_decoder_holds_split_characters():
     assert decoder.add(0xE2) == "" and decoder.flush() == "\ufffd"
 
 
+def test_shown_replaces_markers_anywhere_in_a_piece():
+    from engine import shown
+
+    # a held-back partial character can arrive in one piece with the marker after it
+    assert shown("\ufffd<|python_start|>1+2") == "\ufffd[calculator: 1+2"
+    assert shown("<|python_end|><|output_start|>3<|output_end|> ok") == " -> 3] ok"
+    assert shown("<|assistant_end|> stays") == "<|assistant_end|> stays"
+
+
 def test_assistant_parts_round_trip(tok):
     special = tok.encode_special
     reply = (tok.encode("Let me count. ") + [special("<|python_start|>")] + tok.encode("'strawberry'.count('r')")

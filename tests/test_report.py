@@ -33,6 +33,8 @@ def test_standard_figures_have_no_notes():
     assert row(table, "val bpb") == "| val bpb | 0.8100 | - | - |"
     assert row(table, "ChatCORE") == "| ChatCORE | - | - | 0.3000 ± 0.0200 |"
     assert "note" not in table
+    report.write_section("chat-eval-sft", "SFT", data=chat_eval_data(report.CHATCORE_TASKS[::-1]))
+    assert "note" not in report.summary_table()  # the same six tasks in another order
 
 
 def test_partial_figures_are_marked_and_explained():
@@ -61,8 +63,8 @@ def test_wall_clock_and_cost_are_the_run_not_the_time_of_generate(base_dir, monk
     report.main(["reset"])
     header = report.read_data("header")
     assert header["gpu_hour_usd"] == 2.5
-    # pretend the run started 2 h 30 min before its last section was written, on 8 GPUs
-    header.update(start_time=header["start_time"] - 9000, num_gpus=8)
+    # pretend the run started 8 h ago on 8 GPUs and wrote its last section 2 h 30 min after that
+    header.update(start_time=header["start_time"] - 8 * 3600, num_gpus=8)
     report.write_section("header", "speedchat run", data=header)
     report.write_section("base-train", "Base training", {"steps": 10})
     section = report.report_dir() / "base-train.md"
