@@ -178,9 +178,9 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     import torch
     import torch.distributed as dist
 
-    device_type = resolve_device(device_type)
+    device = torch.device(resolve_device(device_type))  # "cuda:1" picks one GPU for a single process
     torch.manual_seed(seed)
-    if device_type == "cuda":
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ddp = is_distributed()
@@ -188,16 +188,18 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     if ddp:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
-        if device_type == "cuda":
+        if device.index is not None:
+            raise UserError(f"--device {device}: under torchrun each process takes the GPU of its "
+                            f"LOCAL_RANK; use --device {device.type}")
+        if device.type == "cuda":
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
             dist.init_process_group(backend="nccl", device_id=device)
         else:
-            device = torch.device(device_type)
             dist.init_process_group(backend="gloo")
         dist.barrier()
-    else:
-        device = torch.device(device_type)
+    elif device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return ddp, rank, local_rank, world_size, device
 
 

@@ -84,6 +84,18 @@ def test_bad_flags_are_refused(flags, match):
         base_train.get_args(flags)
 
 
+def test_devices_are_checked_before_anything_runs(monkeypatch):
+    from common import compute_init
+
+    with pytest.raises(UserError, match=r"^--device 'tpu' is not a device: use cuda, cpu or mps$"):
+        compute_init("tpu")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="under torchrun each process takes the GPU of its LOCAL_RANK"):
+        compute_init("cpu:1")  # a device index under torchrun (a CUDA one alike) would be ignored
+
+
 def test_flag_sentinels_and_zero_learning_rate_are_accepted():
     args = base_train.get_args(["--num-iterations", "-1", "--keep-last", "-1", "--total-batch-size", "-1",
                                 "--embedding-lr", "0", "--warmdown-ratio", "1"])  # lr 0 freezes the embedding
