@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import core_eval
-from base_train import evaluate_bpb, sample_greedy
+from base_train import default_eval_tokens, evaluate_bpb, sample_greedy
 from common import (UserError, compute_cleanup, compute_init, format_seconds, get_base_dir, get_dtype, print0,
                     run_main)
 
@@ -42,8 +42,9 @@ def parse_args(argv=None):
                    help="unzipped CORE eval bundle folder (default: $SPEEDCHAT_BASE_DIR/eval_bundle, downloaded once)")
     p.add_argument("--max-per-task", type=int, default=-1,
                    help="evaluate at most this many items per CORE task, a fixed random subset (-1 = all)")
-    p.add_argument("--split-tokens", type=int, default=20 * 524288,
-                   help="tokens per split (train, val) for bits per byte")
+    p.add_argument("--split-tokens", type=int, default=None,
+                   help=f"tokens per split (train, val) for bits per byte (default: {default_eval_tokens('cuda')} "
+                        f"on CUDA, {default_eval_tokens('cpu')} otherwise)")
     p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass for bits per byte")
     p.add_argument("--data", default=None,
                    help="pretraining source for bits per byte (default: the one in the checkpoint, else fineweb-edu)")
@@ -75,7 +76,10 @@ def run_bpb(model, tokenizer, args, meta, device, ddp, rank, world_size, autocas
 
     T = model.config.sequence_len
     B = args.device_batch_size
-    steps = args.split_tokens // (B * T * world_size)
+    if args.split_tokens is None:  # the default: at least one batch
+        steps = max(1, default_eval_tokens(device.type) // (B * T * world_size))
+    else:
+        steps = args.split_tokens // (B * T * world_size)
     if steps < 1:
         raise UserError(f"--split-tokens {args.split_tokens} is less than one batch "
                         f"({B}x{T}x{world_size} tokens): raise it or lower --device-batch-size")

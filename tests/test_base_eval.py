@@ -521,6 +521,9 @@ def test_main_end_to_end_on_a_tiny_model(tmp_path, base_dir, capsys):
         assert data["bpb"][split] == pytest.approx(math.log2(tok.get_vocab_size()), rel=0.02), split
     assert len(data["samples"]) == len(base_eval.SAMPLE_PROMPTS)
     assert data["samples"][0].startswith("The capital of France is")
+    # without --split-tokens a CPU evaluates 32,768 tokens per split (the d20 amount would take minutes)
+    base_eval.main(["--device", "cpu", "--eval", "bpb", "--device-batch-size", "8"])
+    assert "(32,768 tokens of dir:" in capsys.readouterr().out
 
 
 def test_main_without_checkpoint_is_a_user_error(base_dir):
