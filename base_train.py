@@ -566,7 +566,7 @@ def train(args, ddp, rank, world_size, device):
             items["peak memory"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
         data = {"num_params": num_params, "flops_per_token": flops_per_token, "total_batch_size": total_batch_size,
                 "num_iterations": num_iterations, "tokens": tokens, "training_time": training_time, "mfu": mfu_total,
-                "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb, "curve": curve}
+                "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb, "curve": curve, "tag": tag}
         report.write_section("base-train", "Base model training", items, data=data)
     print0(f"done: {num_iterations} steps in {format_seconds(training_time)} | min validation bpb {min_val_bpb:.4f}")
     wandb_run.finish()

@@ -657,7 +657,8 @@ def train_chat(args, spec, ddp, rank, world_size, device):
             items["cropped tokens"] = f"{100 * train_batches.crop_fraction:.1f}% (rank 0)"
         data = {"curve": curve, "seconds": seconds, "training_time": training_time, "steps": step,
                 "num_params": num_params, "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb,
-                "conversations_seen": taken_global, "supervised_tokens": supervised_global, "preset": preset}
+                "conversations_seen": taken_global, "supervised_tokens": supervised_global, "preset": preset,
+                "tag": tag}
         report.write_section(spec["section"], spec["title"], items, data=data)
     print0(f"done: {step} steps in {format_seconds(training_time)} | min validation bpb {min_val_bpb:.4f}")
     wandb_run.finish()

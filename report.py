@@ -172,11 +172,13 @@ def written(name: str) -> float | None:
 
 
 def stale_notes() -> list[str]:
-    """A note for each column evaluated before a training stage it depends on was run again."""
+    """A note for each column evaluated before a training stage it depends on was run again (for
+    the same model tag, when both sections name theirs: training another tag changes nothing here)."""
     notes = []
     for column, (evaluation, trainings) in EVALUATED.items():
-        when = written(evaluation)
-        newer = [t for t in trainings if when is not None and (written(t) or 0) > when]
+        when, tag = written(evaluation), read_data(evaluation).get("tag")
+        newer = [t for t in trainings if when is not None and (written(t) or 0) > when
+                 and (tag is None or read_data(t).get("tag") in (None, tag))]
         if newer:
             notes.append(f"The {column} figures were measured before the last run of {', '.join(newer)}: "
                          f"they describe an earlier model.")

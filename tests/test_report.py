@@ -99,3 +99,15 @@ def test_figures_of_an_earlier_model_are_flagged():
     os.utime(mid_train, (later, later))  # mid-training ran again after its evaluation
     notes = [line for line in report.summary_table().splitlines() if "earlier model" in line]
     assert notes == ["- The MID figures were measured before the last run of mid-train: they describe an earlier model."]
+
+
+def test_training_another_tag_does_not_make_figures_stale():
+    report.write_section("base-train", "Base", data={"tag": "d20"})
+    report.write_section("base-eval", "Base eval", data={"tag": "d20"})
+    later = report.written("base-eval") + 60
+    report.write_section("base-train", "Base", data={"tag": "d12-fp8"})  # a side experiment, run later
+    os.utime(report.report_dir() / "base-train.md", (later, later))
+    assert "earlier model" not in report.summary_table()
+    report.write_section("base-train", "Base", data={"tag": "d20"})  # the evaluated model, retrained
+    os.utime(report.report_dir() / "base-train.md", (later, later))
+    assert "The BASE figures were measured before the last run of base-train" in report.summary_table()
