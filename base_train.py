@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 import checkpoint
 from fp8 import convert_to_fp8, fp8_supported
-from common import (UserError, autodetect_device, compute_cleanup, compute_init, format_seconds, get_dtype,
+from common import (UserError, compute_cleanup, compute_init, format_seconds, get_dtype,
                     init_wandb, print0, run_main)
 
 D20_TOTAL_BATCH_SIZE = 524288  # tokens per step for d20-scale runs (2^19)
@@ -321,8 +321,7 @@ def derive_num_iterations(args, num_params, total_batch_size):
 
 def main(argv=None):
     args = get_args(argv)
-    device_type = args.device or autodetect_device()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
     try:
         return train(args, ddp, rank, world_size, device)
     finally:

@@ -33,7 +33,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from common import (UserError, autodetect_device, compute_cleanup, compute_init, format_seconds, get_dtype, print0,
+from common import (UserError, compute_cleanup, compute_init, format_seconds, get_dtype, print0,
                     run_main)
 from mid_train import add_data_flags, arc_path, data_paths, resolve_preset
 from report import CHATCORE_TASKS
@@ -240,8 +240,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    device_type = args.device or autodetect_device()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device)
     try:
         return evaluate(args, rank, world_size, device)
     finally:

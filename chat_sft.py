@@ -29,7 +29,7 @@ import argparse
 import numpy as np
 
 from base_train import show_defaults
-from common import UserError, autodetect_device, compute_cleanup, compute_init, run_main
+from common import UserError, compute_cleanup, compute_init, run_main
 from mid_train import (ConversationBatches, PackedBatches, add_data_flags, add_training_flags, arc_path, check_args,
                        offline_val_tasks, train_chat)
 
@@ -124,8 +124,7 @@ def make_batches(args):
 
 def main(argv=None):
     args = get_args(argv)
-    device_type = args.device or autodetect_device()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
     spec = dict(stage="sft", section="chat-sft", title="Chat SFT", muon_warmup=False, compile_default=False,
                 dynamic=None if args.packing == "pad" else False,
                 train_tasks=lambda preset, paths: sft_tasks(preset, "train", paths),

@@ -370,7 +370,8 @@ def main(argv=None):
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     limits = Limits(max_messages=args.max_messages, max_message_chars=args.max_message_chars,
                     max_prompt_tokens=args.max_prompt_tokens or None, max_tokens=args.max_tokens_limit,
-                    default_max_tokens=min(512, args.max_tokens_limit) if args.max_tokens is None else args.max_tokens,
+                    default_max_tokens=(min(Limits.default_max_tokens, args.max_tokens_limit) if args.max_tokens is None
+                                        else args.max_tokens),
                     default_temperature=args.temperature, default_top_k=args.top_k)
     device = resolve_device(args.device)
     check_port(args.host, args.port)  # before the model loads, which can take a while

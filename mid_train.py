@@ -44,7 +44,7 @@ import checkpoint
 from base_train import (D20_TOTAL_BATCH_SIZE, EVAL_TOKENS_HELP, check_finite_loss, check_training_args,
                         default_eval_tokens, derive_batch, evaluate_bpb, get_rng_state, is_muon, muon_momentum,
                         peak_flops, set_rng_state, show_defaults, step_line, training_dtype)
-from common import (UserError, autodetect_device, compute_cleanup, compute_init, format_seconds, get_base_dir,
+from common import (UserError, compute_cleanup, compute_init, format_seconds, get_base_dir,
                     init_wandb, print0, run_main)
 
 PRESETS = ("full", "offline")
@@ -713,8 +713,7 @@ MID_SPEC = dict(stage="mid", section="mid-train", title="Mid-training", muon_war
 
 def main(argv=None):
     args = get_args(argv)
-    device_type = args.device or autodetect_device()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
     try:
         return train_chat(args, dict(MID_SPEC, make_batches=make_packed(args)), ddp, rank, world_size, device)
     finally:
