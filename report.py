@@ -174,11 +174,15 @@ def written(name: str) -> float | None:
 def stale_notes() -> list[str]:
     """A note for each column evaluated before a training stage it depends on was run again (for
     the same model tag, when both sections name theirs: training another tag changes nothing here)."""
+    names = {name for evaluation, trainings in EVALUATED.values() for name in (evaluation, *trainings)}
+    when = {name: written(name) for name in names}
+    tag = {name: read_data(name).get("tag") for name in names}
     notes = []
     for column, (evaluation, trainings) in EVALUATED.items():
-        when, tag = written(evaluation), read_data(evaluation).get("tag")
-        newer = [t for t in trainings if when is not None and (written(t) or 0) > when
-                 and (tag is None or read_data(t).get("tag") in (None, tag))]
+        if when[evaluation] is None:
+            continue
+        newer = [t for t in trainings if (when[t] or 0) > when[evaluation]
+                 and (tag[evaluation] is None or tag[t] in (None, tag[evaluation]))]
         if newer:
             notes.append(f"The {column} figures were measured before the last run of {', '.join(newer)}: "
                          f"they describe an earlier model.")
