@@ -401,6 +401,16 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+def compiled_engine_equals_eager(model, prompt, max_tokens):
+    """A static engine with the compiled step gives the eager engine's greedy tokens for 2 samples;
+    -> (that engine, the tokens)."""
+    tok = StubTokenizer(100)
+    expected, _ = Engine(model, tok, decode="eager").generate_batch(prompt, 2, max_tokens=max_tokens, temperature=0.0)
+    engine = Engine(model, tok, decode="static", compile_decode=True)
+    assert engine.generate_batch(prompt, 2, max_tokens=max_tokens, temperature=0.0)[0] == expected
+    return engine, expected
+
+
 def test_compiled_decode_step_traces_as_one_graph(monkeypatch, fresh_dynamo):
     """Dynamo only (backend="eager": no code generation, a few seconds): the static step must
     trace without a graph break (fullgraph=True raises on one) and give the eager tokens."""
@@ -415,9 +425,7 @@ def test_compiled_decode_step_traces_as_one_graph(monkeypatch, fresh_dynamo):
     model = random_gpt()
     tok = StubTokenizer(100)
     prompt = long_prompt(20)
-    expected, _ = Engine(model, tok, decode="eager").generate_batch(prompt, 2, max_tokens=30, temperature=0.0)
-    engine = Engine(model, tok, decode="static", compile_decode=True)
-    assert engine.generate_batch(prompt, 2, max_tokens=30, temperature=0.0)[0] == expected
+    compiled_engine_equals_eager(model, prompt, max_tokens=30)
     assert len(graphs) == 1  # one window (64), one shape: traced once, every position replays it
     with pytest.raises(ValueError, match="compile_decode"):
         list(Engine(model, tok, compile_decode=True).generate(prompt, max_tokens=2))  # auto on CPU = eager
@@ -425,10 +433,7 @@ def test_compiled_decode_step_traces_as_one_graph(monkeypatch, fresh_dynamo):
     # so the third reuses it (2 compilations); batch 1 then compiles once more (dynamo always
     # specialises size 1)
     graphs.clear()
-    model = random_gpt(sequence_len=512)
-    expected, _ = Engine(model, tok, decode="eager").generate_batch(prompt, 2, max_tokens=200, temperature=0.0)
-    engine = Engine(model, tok, decode="static", compile_decode=True)
-    assert engine.generate_batch(prompt, 2, max_tokens=200, temperature=0.0)[0] == expected
+    engine, expected = compiled_engine_equals_eager(random_gpt(sequence_len=512), prompt, max_tokens=200)
     assert len(graphs) == 2, len(graphs)
     assert engine.generate_batch(prompt, 1, max_tokens=200, temperature=0.0)[0] == expected[:1]
     assert len(graphs) == 3, len(graphs)
@@ -438,12 +443,8 @@ def test_compiled_decode_step_traces_as_one_graph(monkeypatch, fresh_dynamo):
 def test_compiled_static_engine_equals_eager(fresh_dynamo):
     """Inductor for real (C++ on CPU; ~10 s to compile): the same tokens as the eager engine, and
     the cache written in place (the second call reuses the compiled step and its cache)."""
-    model = random_gpt()
-    tok = StubTokenizer(100)
     prompt = long_prompt(20)
-    expected, _ = Engine(model, tok, decode="eager").generate_batch(prompt, 2, max_tokens=30, temperature=0.0)
-    engine = Engine(model, tok, decode="static", compile_decode=True)
-    assert engine.generate_batch(prompt, 2, max_tokens=30, temperature=0.0)[0] == expected
+    engine, expected = compiled_engine_equals_eager(random_gpt(), prompt, max_tokens=30)
     assert engine.generate_batch(prompt, 2, max_tokens=30, temperature=0.0)[0] == expected
 
 
