@@ -4,6 +4,7 @@ section "base-eval".
 
     python -m base_eval                                   # the latest base checkpoint, everything
     python -m base_eval --max-per-task 100 --eval core    # a quick CORE estimate
+    python -m base_eval --convert-missing DIR             # HellaSwag, SQuAD from raw files (approximate)
     torchrun --standalone --nproc_per_node=8 -m base_eval -- --model-tag d20
 """
 
@@ -54,6 +55,9 @@ def parse_args(argv=None):
                    help="unzipped CORE eval bundle folder (default: $SPEEDCHAT_BASE_DIR/eval_bundle, downloaded once)")
     p.add_argument("--max-per-task", type=count_or_all, default=-1,
                    help="evaluate the first N of each CORE task's rows shuffled with a fixed seed (-1 = all)")
+    raw_names = ", ".join(raw for raw, _ in core_eval.CONVERTERS.values())
+    p.add_argument("--convert-missing", metavar="DIR", help=f"convert {raw_names} in DIR for bundles that lack "
+                   "those tasks (the CORE line marks them APPROXIMATE) and exit")
     p.add_argument("--split-tokens", type=int, default=None,
                    help=f"tokens per split (train, val) for bits per byte (default: {default_eval_tokens('cuda')} "
                         f"on CUDA, {default_eval_tokens('cpu')} otherwise)")
@@ -152,6 +156,9 @@ def write_report(args, tag, step, results, summary, bpb, samples, n_tasks, refer
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.convert_missing:
+        core_eval.convert_missing(args.convert_missing)
+        return
     from checkpoint import load_model, resolve
 
     ddp, rank, _, world_size, device = compute_init(args.device)

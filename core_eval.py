@@ -16,17 +16,19 @@ scores 0 and perfect scores 1. CORE is the mean of the centered accuracies.
 
 "Time to GPT-2" means beating GPT-2 XL's CORE (0.256525) as nanochat's evaluation computes it,
 so which tokens are scored, which items run and which few-shot examples they see follow that
-evaluation's rules; our additions (standard errors, the PARTIAL mark) only report.
+evaluation's rules; our additions (standard errors, the PARTIAL and APPROXIMATE marks) only report.
 
 This file needs only model(ids) -> logits (B, T, V), tokenizer.encode(str, prepend=bos_id) ->
 list of ids and tokenizer.get_bos_token_id(), so tests drive it with a fake model and tokenizer.
 """
 
+import bz2
 import csv
 import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -58,8 +60,8 @@ def read_baselines(meta_csv) -> dict[str, float]:
 
 
 def load_bundle(bundle_dir) -> list[dict]:
-    """The CORE tasks in core.yaml order: label, path (of the jsonl), type, num_fewshot,
-    delimiter, baseline. A missing data file is not an error here (see load_task_data)."""
+    """The CORE tasks in core.yaml order: label, path (of the jsonl, see task_path), type,
+    num_fewshot, delimiter, baseline. A missing data file is not an error here (see load_task_data)."""
     bundle_dir = Path(bundle_dir)
     yaml_path, meta_path = bundle_dir / "core.yaml", bundle_dir / "eval_meta_data.csv"
     if not (yaml_path.exists() and meta_path.exists()):
@@ -67,11 +69,17 @@ def load_bundle(bundle_dir) -> list[dict]:
                         f"eval bundle (or leave --bundle out to download it)")
     baselines = read_baselines(meta_path)
     # has_categories (jeopardy) only splits the gauntlet's logging; CORE scores all items together
-    return [dict(label=spec["label"], path=bundle_dir / "eval_data" / spec["dataset_uri"],
+    return [dict(label=spec["label"], path=task_path(bundle_dir, spec["dataset_uri"]),
                  type=spec["icl_task_type"], num_fewshot=int(spec["num_fewshot"][0]),
                  delimiter=spec.get("continuation_delimiter", DEFAULT_CONTINUATION_DELIMITER),
                  baseline=baselines[spec["label"]])
             for spec in yaml.safe_load(yaml_path.read_text(encoding="utf-8"))["icl_tasks"]]
+
+
+def task_path(bundle_dir, uri) -> Path:
+    """A task's jsonl: the bundle's own, else one that convert_missing wrote, else the bundle's (missing)."""
+    own, converted = Path(bundle_dir) / "eval_data" / uri, get_base_dir() / "core_converted" / uri
+    return converted if converted.exists() and not own.exists() else own
 
 
 def load_task_data(task) -> list[dict] | None:
@@ -81,6 +89,57 @@ def load_task_data(task) -> list[dict] | None:
         return None
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------
+# The tasks an offline bundle lacks, converted from raw copies. The bundle's own files came
+# from preprocessing we cannot see, so these are an approximation and every row says so;
+# they are kept apart from any bundle and used only where the bundle has no file of its own.
+
+def hellaswag_rows(path) -> list[dict]:
+    """Rows from hellaswag_val_full.txt.bz2: six lines per item, "activity: ctx", the gold index,
+    four endings. The bundle's query capitalizes ctx_b, the trailing fragment of ctx, which this
+    file leaves lowercase and does not delimit: the lowercase fragment after the last sentence
+    end (or the colon) stands for it."""
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    rows = []
+    for i in range(0, len(lines) - 5, 6):
+        m = re.fullmatch(r"(.*[.!?:] )([a-z].*)", lines[i])
+        query = m[1] + m[2].capitalize() if m else lines[i]
+        rows.append({"query": query, "choices": lines[i + 2:i + 6], "gold": int(lines[i + 1])})
+    return rows
+
+
+def squad_rows(path) -> list[dict]:
+    """Rows from SQuAD v1.1 dev (dev-v1.1.json.zip): every question in file order, its first answer."""
+    with zipfile.ZipFile(path) as zf:
+        dev = json.loads(zf.read("dev-v1.1.json"))
+    return [{"context": f"Context: {paragraph['context']}\nQuestion: {qa['question']}\nAnswer:",
+             "continuation": qa["answers"][0]["text"]}
+            for article in dev["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+
+
+# bundle file -> (raw file, converter); hellaswag.jsonl serves both hellaswag tasks (0- and 10-shot)
+CONVERTERS = {"language_understanding/hellaswag.jsonl": ("hellaswag_val_full.txt.bz2", hellaswag_rows),
+              "reading_comprehension/squad.jsonl": ("dev-v1.1.json.zip", squad_rows)}
+
+
+def convert_missing(raw_dir) -> list[Path]:
+    """Convert the raw files in raw_dir that CONVERTERS knows into $SPEEDCHAT_BASE_DIR/core_converted,
+    where task_path finds them for any bundle that lacks them. Returns the files written."""
+    written = []
+    for name, (raw_name, convert) in CONVERTERS.items():
+        dest, raw = get_base_dir() / "core_converted" / name, Path(raw_dir) / raw_name
+        if not raw.exists():
+            print0(f"no {raw}: {name} is not converted")
+            continue
+        rows = convert(raw)
+        with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({**row, "converted": raw_name}) + "\n" for row in rows)
+        print0(f"{dest}: {len(rows):,} rows from {raw} (an approximation of the bundle's {Path(name).name})")
+        written.append(dest)
+    return written
 
 
 # ---------------------------------------------------------------------------
@@ -256,22 +315,27 @@ def core_summary(results: dict) -> dict:
     core_se = sqrt(sum of centered se^2) / n_tasks (the tasks are independent samples)."""
     done = {k: r for k, r in results.items() if not r.get("missing")}
     missing = [k for k, r in results.items() if r.get("missing")]
+    approximate = [k for k, r in done.items() if r.get("converted")]
     if not done:
-        return dict(core=None, core_se=None, n_tasks=0, tasks=[], missing=missing, partial=True)
+        return dict(core=None, core_se=None, n_tasks=0, tasks=[], missing=missing, partial=True, approximate=[])
     n = len(done)
     core = sum(r["centered"] for r in done.values()) / n
     core_se = math.sqrt(sum(r["centered_se"] ** 2 for r in done.values())) / n
-    return dict(core=core, core_se=core_se, n_tasks=n, tasks=list(done), missing=missing, partial=bool(missing))
+    return dict(core=core, core_se=core_se, n_tasks=n, tasks=list(done), missing=missing, partial=bool(missing),
+                approximate=approximate)
 
 
 def core_line(summary: dict, total_tasks: int) -> str:
-    """The one line that states CORE, and says so loudly when it averages fewer than all tasks."""
+    """The one line that states CORE, and says so loudly when it averages fewer than all tasks
+    or scores some on files converted here instead of the bundle's own."""
     if summary["core"] is None:
         return f"CORE: not computed (all {total_tasks} task files are missing)"
     line = f"CORE: {summary['core']:.4f} ± {summary['core_se']:.4f}"
     if summary["partial"]:
         line += (f" (PARTIAL: mean over {summary['n_tasks']} of {total_tasks} tasks; "
                  f"missing {', '.join(summary['missing'])})")
+    if summary["approximate"]:
+        line += f" (APPROXIMATE: {', '.join(summary['approximate'])} scored on locally converted files)"
     return line
 
 
@@ -291,6 +355,7 @@ def run_core(model, tokenizer, bundle_dir, device, max_per_task=None, rank=0, wo
         correct, count = evaluate_task(model, tokenizer, task, data, device, max_per_task, rank, world_size,
                                        max_len, progress=progress and rank == 0)
         r = results[task["label"]] = task_result(task, correct, count)
+        r["converted"] = data[0].get("converted") if data else None  # the raw file it was converted from
         print0(f"{task['label']:<34} acc {r['accuracy']:.4f} ± {r['accuracy_se']:.4f}  centered "
                f"{r['centered']:+.4f}  n={count}  ({time.perf_counter() - t0:.1f}s)")
     summary = core_summary(results)

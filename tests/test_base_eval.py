@@ -1,6 +1,7 @@
 """CORE evaluation (core_eval.py) and the base_eval CLI, with a fake word-level tokenizer and
 fake models whose logits are known, so nothing here needs a trained model."""
 
+import bz2
 import functools
 import http.server
 import json
@@ -19,7 +20,7 @@ import core_eval
 from common import UserError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-BUNDLE, GPT2_BPE = DATA / "core_eval_bundle", DATA / "gpt2_bpe"
+BUNDLE, GPT2_BPE, RAW = DATA / "core_eval_bundle", DATA / "gpt2_bpe", DATA / "core_missing"
 needs_bundle = pytest.mark.skipif(not (BUNDLE / "core.yaml").exists(),
                                   reason=f"the real CORE eval bundle is not at {BUNDLE}")
 
@@ -291,7 +292,7 @@ def test_oracle_scores_one_on_real_rows_and_uniform_scores_first_option_rate(rea
 
 
 # ---------------------------------------------------------------------------
-# A synthetic bundle end to end: missing tasks, the CORE line, the CSV
+# A synthetic bundle end to end: missing tasks, converted tasks, the CORE line, the CSV
 
 
 def make_bundle(root: Path) -> Path:
@@ -321,12 +322,51 @@ def test_run_core_reports_missing_tasks_and_a_partial_core(tmp_path, capsys):
     assert summary["partial"] and summary["tasks"] == ["mc", "lm"] and summary["missing"] == ["gone"]
     assert summary["core"] == pytest.approx(1.0) and summary["core_se"] == 0.0
     line = core_eval.core_line(summary, 3)
-    assert "PARTIAL" in line and "2 of 3" in line and "gone" in line
+    assert "PARTIAL" in line and "2 of 3" in line and "gone" in line and "APPROXIMATE" not in line
     assert "MISSING" in capsys.readouterr().out
 
     path = tmp_path / "out" / "core.csv"
     core_eval.write_core_csv(path, results, summary)
     assert core_eval.read_results_csv(path) == ({"mc": 1.0, "lm": 1.0}, 1.0)
+
+
+def test_converted_tasks_fill_in_for_missing_files_and_are_marked(tmp_path, base_dir):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with bz2.open(raw / "hellaswag_val_full.txt.bz2", "wt") as f:  # six lines per item
+        f.write("Roof shingle removal: A man is on a roof. he\n1\nskis.\nstarts.\nc\nd\nJump: A Boy.\n0\na\nb\nc\nd\n")
+    with zipfile.ZipFile(raw / "dev-v1.1.json.zip", "w") as zf:
+        zf.writestr("dev-v1.1.json", json.dumps({"data": [{"paragraphs": [{"context": "Paris is in France.", "qas": [
+            {"question": "Where is Paris?", "answers": [{"text": "France"}, {"text": "in France"}]}]}]}]}))
+    base_eval.main(["--convert-missing", str(raw)])
+    hella, squad = (core_eval.load_task_data({"path": base_dir / "core_converted" / name})
+                    for name in core_eval.CONVERTERS)
+    assert hella == [{"query": "Roof shingle removal: A man is on a roof. He", "gold": 1,
+                      "choices": ["skis.", "starts.", "c", "d"], "converted": "hellaswag_val_full.txt.bz2"},
+                     {"query": "Jump: A Boy.", "choices": ["a", "b", "c", "d"], "gold": 0,
+                      "converted": "hellaswag_val_full.txt.bz2"}]
+    assert [(r["context"], r["continuation"]) for r in squad] == [
+        ("Context: Paris is in France.\nQuestion: Where is Paris?\nAnswer:", "France")]
+
+    bundle = make_bundle(tmp_path / "bundle")  # its task "gone" is squad.jsonl, which the bundle lacks
+    results, summary = core_eval.run_core(MarkerModel(), FakeTokenizer(), bundle, "cpu", progress=False)
+    assert results["gone"]["n"] == 1 and not summary["partial"] and summary["approximate"] == ["gone"]
+    assert "APPROXIMATE: gone" in core_eval.core_line(summary, 3)
+    own = bundle / "eval_data" / "reading_comprehension" / "squad.jsonl"  # the bundle's own file wins
+    own.parent.mkdir()
+    own.write_text('{"context": "Q", "continuation": "A"}\n')
+    assert core_eval.load_bundle(bundle)[2]["path"] == own
+
+
+@pytest.mark.skipif(not (RAW / "hellaswag_val_full.txt.bz2").exists(), reason=f"no raw HellaSwag/SQuAD in {RAW}")
+def test_real_raw_files_convert_to_every_item(base_dir):
+    hella, squad = core_eval.convert_missing(RAW)
+    hella, squad = (core_eval.load_task_data({"path": path}) for path in (hella, squad))
+    assert len(hella) == 10042 and len(squad) == 10570
+    assert hella[1]["query"] == "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady"
+    assert hella[1]["gold"] == 3 and hella[1]["choices"][3] == "stands and lifts the weight over her head."
+    assert squad[2]["continuation"] == "Santa Clara, California"
+    assert squad[2]["context"].endswith("Arabic numerals 50.\nQuestion: Where did Super Bowl 50 take place?\nAnswer:")
 
 
 def test_core_standard_error_propagates():
