@@ -4,6 +4,7 @@ section "base-eval".
 
     python -m base_eval                                   # the latest base checkpoint, everything
     python -m base_eval --max-per-task 100 --eval core    # a quick CORE estimate
+    python -m base_eval --convert-missing DIR             # HellaSwag, SQuAD from raw files (approximate)
     torchrun --standalone --nproc_per_node=8 -m base_eval -- --model-tag d20
 """
 
@@ -32,16 +33,31 @@ SAMPLE_PROMPTS = [
 EVALS = ("core", "bpb", "sample")
 
 
+def eval_list(text) -> list[str]:
+    evals = [e.strip() for e in text.split(",") if e.strip()]
+    if not evals or set(evals) - set(EVALS):
+        raise argparse.ArgumentTypeError(f"use a comma list of {', '.join(EVALS)}")
+    return evals
+
+
+def count_or_all(text) -> int:
+    return int(text) if int(text) > 0 else -1  # -1: every item
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=["base", "mid", "sft"], default="base", help="which stage's checkpoint to evaluate")
     p.add_argument("--model-tag", default=None, help="checkpoint tag, e.g. d20 (default: the latest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-    p.add_argument("--eval", default="core,bpb,sample", help="comma list of what to run: core, bpb, sample")
+    p.add_argument("--eval", dest="evals", type=eval_list, default=list(EVALS),
+                   help="comma list of what to run: core, bpb, sample (default: all)")
     p.add_argument("--bundle", default=None,
                    help="unzipped CORE eval bundle folder (default: $SPEEDCHAT_BASE_DIR/eval_bundle, downloaded once)")
-    p.add_argument("--max-per-task", type=int, default=-1,
-                   help="evaluate at most this many items per CORE task, a fixed random subset (-1 = all)")
+    p.add_argument("--max-per-task", type=count_or_all, default=-1,
+                   help="evaluate the first N of each CORE task's rows shuffled with a fixed seed (-1 = all)")
+    raw_names = ", ".join(raw for raw, _ in core_eval.CONVERTERS.values())
+    p.add_argument("--convert-missing", metavar="DIR", help=f"convert {raw_names} in DIR for bundles that lack "
+                   "those tasks (the CORE line marks them APPROXIMATE) and exit")
     p.add_argument("--split-tokens", type=int, default=None,
                    help=f"tokens per split (train, val) for bits per byte (default: {default_eval_tokens('cuda')} "
                         f"on CUDA, {default_eval_tokens('cpu')} otherwise)")
@@ -49,14 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None,
                    help="pretraining source for bits per byte (default: the one in the checkpoint, else fineweb-edu)")
     p.add_argument("--device", choices=["cuda", "cpu", "mps"], default=None, help="device (default: autodetect)")
-    args = p.parse_args(argv)
-    args.evals = [e.strip() for e in args.eval.split(",") if e.strip()]
-    unknown = [e for e in args.evals if e not in EVALS]
-    if unknown or not args.evals:
-        raise UserError(f"--eval {args.eval!r}: use a comma list of {', '.join(EVALS)}")
-    if args.max_per_task == 0 or args.max_per_task < -1:
-        raise UserError(f"--max-per-task {args.max_per_task}: use a positive count, or -1 for all items")
-    return args
+    return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------
@@ -76,13 +85,8 @@ def run_bpb(model, tokenizer, args, meta, device, ddp, rank, world_size, autocas
 
     T = model.config.sequence_len
     B = args.device_batch_size
-    if args.split_tokens is None:  # the default: at least one batch
-        steps = max(1, default_eval_tokens(device.type) // (B * T * world_size))
-    else:
-        steps = args.split_tokens // (B * T * world_size)
-    if steps < 1:
-        raise UserError(f"--split-tokens {args.split_tokens} is less than one batch "
-                        f"({B}x{T}x{world_size} tokens): raise it or lower --device-batch-size")
+    split_tokens = args.split_tokens or default_eval_tokens(device.type)
+    steps = max(1, split_tokens // (B * T * world_size))  # at least one batch
     source = args.data or _data_source(meta)
     if rank == 0:
         dataset.ensure_source(source)  # builds stdlib-docs / dir: shards on first use
@@ -152,6 +156,9 @@ def write_report(args, tag, step, results, summary, bpb, samples, n_tasks, refer
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.convert_missing:
+        core_eval.convert_missing(args.convert_missing)
+        return
     from checkpoint import load_model, resolve
 
     ddp, rank, _, world_size, device = compute_init(args.device)
@@ -174,13 +181,12 @@ def main(argv=None):
                 if ddp:
                     dist.barrier()
                 bundle = core_eval.ensure_bundle()
-            max_per_task = None if args.max_per_task < 0 else args.max_per_task
             t0 = time.perf_counter()
-            with autocast:
-                results, summary = core_eval.run_core(model, tokenizer, bundle, device, model.config.sequence_len,
-                                                      max_per_task, rank, world_size)
+            with autocast:  # whole prompts: the model's rotary tables grow to any length (max_len None)
+                results, summary = core_eval.run_core(model, tokenizer, bundle, device, args.max_per_task,
+                                                      rank, world_size)
             n_tasks = len(results)
-            references = core_eval.reference_lines(bundle, summary["tasks"]) if summary["tasks"] else {}
+            references = core_eval.reference_cores(bundle, summary["tasks"]) if summary["tasks"] else {}
             for name, core in references.items():
                 print0(f"reference {name}: CORE {core:.4f} on the same {summary['n_tasks']} tasks")
             print0(f"CORE took {format_seconds(time.perf_counter() - t0)}")

@@ -5,87 +5,52 @@ delimiter) and their random baselines (eval_meta_data.csv). Every item is render
 prompt per option, the options go through the model as one padded batch, and
 
   multiple_choice    one context, one continuation per choice: the lowest mean loss over the
-                     continuation tokens wins
-  schema             one context per option, the same continuation: lowest mean loss wins
+                     tokens after the options' common token prefix wins
+  schema             one context per option, the same continuation: the lowest mean loss over
+                     the options' common token suffix wins
   language_modeling  one context and continuation: correct when greedy argmax reproduces
                      every continuation token
 
 A task's accuracy is centered against its random baseline b: (acc - b) / (1 - b), so chance
 scores 0 and perfect scores 1. CORE is the mean of the centered accuracies.
 
+"Time to GPT-2" means beating GPT-2 XL's CORE (0.256525) as nanochat's evaluation computes it,
+so which tokens are scored, which items run and which few-shot examples they see follow that
+evaluation's rules; our additions (standard errors, the PARTIAL and APPROXIMATE marks) only report.
+
 This file needs only model(ids) -> logits (B, T, V), tokenizer.encode(str, prepend=bos_id) ->
 list of ids and tokenizer.get_bos_token_id(), so tests drive it with a fake model and tokenizer.
 """
 
+import bz2
 import csv
 import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 
 from common import UserError, atomic_path, get_base_dir, print0
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_URL_ENV = "SPEEDCHAT_EVAL_BUNDLE_URL"  # override the download address (tests, mirrors)
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-FEWSHOT_SEED = 1234  # item idx draws its few-shot examples with random.Random(1234 + idx)
-SUBSET_SEED = 1337  # --max-per-task evaluates a fixed random subset, not the first rows
+SHUFFLE_SEED = 1337  # each task's rows are shuffled with random.Random(1337) before anything else
+FEWSHOT_SEED = 1234  # item idx (in the shuffled rows) draws its examples with random.Random(1234 + idx)
 EXAMPLE_DELIMITER = "\n\n"  # between few-shot examples and before the query
 DEFAULT_CONTINUATION_DELIMITER = " "  # the gauntlet's default when core.yaml names none
 
 # ---------------------------------------------------------------------------
 # The bundle: core.yaml, eval_meta_data.csv, eval_data/*.jsonl
-
-
-def _yaml_scalar(text: str, where: str):
-    """One value of core.yaml: "double-quoted" (JSON escapes), 'single', [list], bool, number, bare."""
-    if text.startswith('"'):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            raise UserError(f"{where}: cannot read the quoted string {text}")
-    if text.startswith("'") and text.endswith("'") and len(text) >= 2:
-        return text[1:-1].replace("''", "'")
-    if text.startswith("[") and text.endswith("]"):
-        return [_yaml_scalar(part.strip(), where) for part in text[1:-1].split(",") if part.strip()]
-    if text in ("true", "false"):
-        return text == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_core_yaml(text: str, where: str = "core.yaml") -> list[dict]:
-    """Read core.yaml: `icl_tasks:` then a list of flat `key: value` mappings. This is exactly
-    the shape the bundle uses (no PyYAML needed); anything else is refused with its line number."""
-    tasks = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#") or line == "icl_tasks:":
-            continue
-        if line == "-" or line.startswith("- "):  # a new list item, maybe with its first key inline
-            tasks.append({})
-            line = line[1:].strip()
-            if not line:
-                continue
-        if not tasks or ":" not in line:
-            raise UserError(f"{where} line {lineno}: expected `key: value` inside an icl_tasks item, got {raw!r}")
-        key, value = line.split(":", 1)
-        tasks[-1][key.strip()] = _yaml_scalar(value.strip(), f"{where} line {lineno}")
-    return tasks
 
 
 def read_baselines(meta_csv) -> dict[str, float]:
@@ -95,93 +60,117 @@ def read_baselines(meta_csv) -> dict[str, float]:
 
 
 def load_bundle(bundle_dir) -> list[dict]:
-    """The CORE tasks in core.yaml order: label, path (of the jsonl), type, num_fewshot,
-    delimiter, baseline. A missing data file is not an error here (see load_task_data)."""
+    """The CORE tasks in core.yaml order: label, path (of the jsonl, see task_path), type,
+    num_fewshot, delimiter, baseline. A missing data file is not an error here (see load_task_data)."""
     bundle_dir = Path(bundle_dir)
     yaml_path, meta_path = bundle_dir / "core.yaml", bundle_dir / "eval_meta_data.csv"
-    for path in (yaml_path, meta_path):
-        if not path.exists():
-            raise UserError(f"{path} is missing: point --bundle at an unzipped eval bundle "
-                            f"(or leave --bundle out to download it)")
+    if not (yaml_path.exists() and meta_path.exists()):
+        raise UserError(f"{bundle_dir} lacks core.yaml or eval_meta_data.csv: point --bundle at an unzipped "
+                        f"eval bundle (or leave --bundle out to download it)")
     baselines = read_baselines(meta_path)
-    tasks = []
-    for spec in parse_core_yaml(yaml_path.read_text(encoding="utf-8"), str(yaml_path)):
-        label = spec.get("label")
-        missing = [k for k in ("label", "dataset_uri", "num_fewshot", "icl_task_type") if k not in spec]
-        if missing:
-            raise UserError(f"{yaml_path}: task {label or '?'} lacks {', '.join(missing)}")
-        shots = spec["num_fewshot"]
-        shots = shots if isinstance(shots, list) else [shots]
-        if len(shots) != 1:
-            raise UserError(f"{yaml_path}: task {label} lists {len(shots)} few-shot counts; CORE uses exactly one")
-        if spec["icl_task_type"] not in TASK_TYPES:
-            raise UserError(f"{yaml_path}: task {label} has type {spec['icl_task_type']!r}, not one of {TASK_TYPES}")
-        if label not in baselines:
-            raise UserError(f"{meta_path} has no random baseline for task {label}")
-        # has_categories (jeopardy) only splits the gauntlet's logging; CORE scores all items together
-        tasks.append(dict(
-            label=label,
-            path=bundle_dir / "eval_data" / spec["dataset_uri"],
-            type=spec["icl_task_type"],
-            num_fewshot=int(shots[0]),
-            delimiter=spec.get("continuation_delimiter", DEFAULT_CONTINUATION_DELIMITER),
-            baseline=baselines[label],
-        ))
-    if not tasks:
-        raise UserError(f"{yaml_path} lists no icl_tasks")
-    return tasks
+    # has_categories (jeopardy) only splits the gauntlet's logging; CORE scores all items together
+    return [dict(label=spec["label"], path=task_path(bundle_dir, spec["dataset_uri"]),
+                 type=spec["icl_task_type"], num_fewshot=int(spec["num_fewshot"][0]),
+                 delimiter=spec.get("continuation_delimiter", DEFAULT_CONTINUATION_DELIMITER),
+                 baseline=baselines[spec["label"]])
+            for spec in yaml.safe_load(yaml_path.read_text(encoding="utf-8"))["icl_tasks"]]
+
+
+def task_path(bundle_dir, uri) -> Path:
+    """A task's jsonl: the bundle's own, else one that convert_missing wrote, else the bundle's (missing)."""
+    own, converted = Path(bundle_dir) / "eval_data" / uri, get_base_dir() / "core_converted" / uri
+    return converted if converted.exists() and not own.exists() else own
 
 
 def load_task_data(task) -> list[dict] | None:
-    """The task's rows, or None when its jsonl file is missing."""
+    """The task's rows in file order, or None when its jsonl file is missing."""
     path = Path(task["path"])
     if not path.exists():
         return None
-    rows = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise UserError(f"{path} line {lineno} is not JSON: re-download the eval bundle")
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------
+# The tasks an offline bundle lacks, converted from raw copies. The bundle's own files came
+# from preprocessing we cannot see, so these are an approximation and every row says so;
+# they are kept apart from any bundle and used only where the bundle has no file of its own.
+
+def hellaswag_rows(path) -> list[dict]:
+    """Rows from hellaswag_val_full.txt.bz2: six lines per item, "activity: ctx", the gold index,
+    four endings. The bundle's query capitalizes ctx_b, the trailing fragment of ctx, which this
+    file leaves lowercase and does not delimit: the lowercase fragment after the last sentence
+    end (or the colon) stands for it."""
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    rows = []
+    for i in range(0, len(lines) - 5, 6):
+        m = re.fullmatch(r"(.*[.!?:] )([a-z].*)", lines[i])
+        query = m[1] + m[2].capitalize() if m else lines[i]
+        rows.append({"query": query, "choices": lines[i + 2:i + 6], "gold": int(lines[i + 1])})
     return rows
+
+
+def squad_rows(path) -> list[dict]:
+    """Rows from SQuAD v1.1 dev (dev-v1.1.json.zip): every question in file order, its first answer."""
+    with zipfile.ZipFile(path) as zf:
+        dev = json.loads(zf.read("dev-v1.1.json"))
+    return [{"context": f"Context: {paragraph['context']}\nQuestion: {qa['question']}\nAnswer:",
+             "continuation": qa["answers"][0]["text"]}
+            for article in dev["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+
+
+# bundle file -> (raw file, converter); hellaswag.jsonl serves both hellaswag tasks (0- and 10-shot)
+CONVERTERS = {"language_understanding/hellaswag.jsonl": ("hellaswag_val_full.txt.bz2", hellaswag_rows),
+              "reading_comprehension/squad.jsonl": ("dev-v1.1.json.zip", squad_rows)}
+
+
+def convert_missing(raw_dir) -> list[Path]:
+    """Convert the raw files in raw_dir that CONVERTERS knows into $SPEEDCHAT_BASE_DIR/core_converted,
+    where task_path finds them for any bundle that lacks them. Returns the files written."""
+    written = []
+    for name, (raw_name, convert) in CONVERTERS.items():
+        dest, raw = get_base_dir() / "core_converted" / name, Path(raw_dir) / raw_name
+        if not raw.exists():
+            print0(f"no {raw}: {name} is not converted")
+            continue
+        rows = convert(raw)
+        with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({**row, "converted": raw_name}) + "\n" for row in rows)
+        print0(f"{dest}: {len(rows):,} rows from {raw} (an approximation of the bundle's {Path(name).name})")
+        written.append(dest)
+    return written
 
 
 # ---------------------------------------------------------------------------
 # Prompts: each option of an item becomes (context, continuation), context + continuation = prompt
 
 
-class _AllBut(Sequence):
-    """range(n) without `skip`, without building the list: random.sample draws exactly what it
-    would from the list, in O(k) instead of O(n) per item (bigbench_qa_wikidata has 20k rows)."""
-
-    def __init__(self, n, skip):
-        self.n, self.skip = n, skip
-
-    def __len__(self):
-        return self.n - 1
-
-    def __getitem__(self, i):
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return i if i < self.skip else i + 1
+def task_rows(data, max_per_task=None) -> list[dict]:
+    """The rows a task evaluates, in order: shuffled with Random(1337), then cut to max_per_task,
+    as the published figures were computed, so that item i here is the reference's item i and
+    draws the same few-shot examples (from these rows)."""
+    rows = list(data)
+    random.Random(SHUFFLE_SEED).shuffle(rows)
+    return rows[:max_per_task] if max_per_task and max_per_task > 0 else rows
 
 
-def fewshot_examples(data, idx, k) -> list[dict]:
-    """k other rows of the task, the same ones for item idx on every run and every rank."""
-    k = min(k, len(data) - 1)
+def fewshot_examples(rows, idx, k) -> list[dict]:
+    """k other rows, drawn as the reference draws them: Random(1234 + idx).sample of the list of
+    every index but idx. sample() picks positions from the length alone, so sampling range(n - 1)
+    and skipping idx gives the same rows without building that list per item (20k-row tasks)."""
+    k = min(k, len(rows) - 1)  # the reference needs k < len(rows); a tiny --max-per-task may not have it
     if k <= 0:
         return []
-    rng = random.Random(FEWSHOT_SEED + idx)
-    return [data[i] for i in rng.sample(_AllBut(len(data), idx), k)]
+    picked = random.Random(FEWSHOT_SEED + idx).sample(range(len(rows) - 1), k)
+    return [rows[j + (j >= idx)] for j in picked]
 
 
-def render_item(task, data, idx) -> tuple[list[tuple[str, str]], int]:
+def render_item(task, rows, idx) -> tuple[list[tuple[str, str]], int]:
     """The item's options as (context, continuation) string pairs, and the gold option's index.
     The continuation delimiter belongs to the context. Few-shot examples come first, each one
     followed by a blank line."""
-    item, delim, shots = data[idx], task["delimiter"], fewshot_examples(data, idx, task["num_fewshot"])
+    item, delim, shots = rows[idx], task["delimiter"], fewshot_examples(rows, idx, task["num_fewshot"])
     kind = task["type"]
     if kind == "multiple_choice":
         prefix = "".join(f"{ex['query']}{delim}{ex['choices'][ex['gold']]}{EXAMPLE_DELIMITER}" for ex in shots)
@@ -191,48 +180,48 @@ def render_item(task, data, idx) -> tuple[list[tuple[str, str]], int]:
         prefix = "".join(f"{ex['context_options'][ex['gold']]}{delim}{ex['continuation']}{EXAMPLE_DELIMITER}"
                          for ex in shots)
         return [(prefix + ctx + delim, item["continuation"]) for ctx in item["context_options"]], int(item["gold"])
-    if kind == "language_modeling":
-        # The gauntlet trims each context and strips the trailing whitespace of the prompt, so a
-        # delimiter's final space moves into the continuation (" Paris" is one token, " " + "Paris" two).
-        prefix = "".join(f"{ex['context'].strip()}{delim}{ex['continuation']}{EXAMPLE_DELIMITER}" for ex in shots)
-        full = prefix + item["context"].strip() + delim + item["continuation"]
-        context = (prefix + item["context"].strip() + delim).rstrip()
-        return [(context, full[len(context):])], 0
-    raise ValueError(f"unknown task type {kind!r}")
+    assert kind == "language_modeling", kind
+    # The gauntlet trims each context and strips the trailing whitespace of the prompt, so a
+    # delimiter's final space moves into the continuation (" Paris" is one token, " " + "Paris" two).
+    prefix = "".join(f"{ex['context'].strip()}{delim}{ex['continuation']}{EXAMPLE_DELIMITER}" for ex in shots)
+    full = prefix + item["context"].strip() + delim + item["continuation"]
+    context = (prefix + item["context"].strip() + delim).rstrip()
+    return [(context, full[len(context):])], 0
 
 
 # ---------------------------------------------------------------------------
-# Tokens: where each option's continuation starts
+# Tokens: which tokens of each option are scored
 
 
-def common_prefix_length(a, b) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+def common_prefix_length(seqs) -> int:
+    """How many leading tokens all sequences share."""
+    return next((i for i, column in enumerate(zip(*seqs)) if len(set(column)) > 1), min(map(len, seqs)))
 
 
-def tokenize_options(tokenizer, options, bos, max_len) -> tuple[list[list[int]], list[int]]:
-    """Token ids of each option's full prompt (BOS first) and the index of its first continuation
-    token. The full prompt and the context are encoded separately and the continuation is what
-    follows their common prefix, so a token that merges across the boundary counts as continuation.
-    Prompts longer than max_len lose tokens from the left (after BOS); the continuation is kept."""
+def tokenize_item(tokenizer, task_type, options, bos, max_len=None) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each option's whole prompt (BOS first) and the index of its first scored token.
+    Prompts longer than max_len keep their last max_len tokens (None: the model takes any length)."""
     # one string at a time: a batch call spins up a thread pool, too costly for a few short prompts
-    encoded = {}
-    for text in (t for ctx, cont in options for t in (ctx, ctx + cont)):
-        if text not in encoded:  # multiple-choice options share their context
-            encoded[text] = tokenizer.encode(text, prepend=bos)
-    seqs, starts = [], []
-    for ctx, cont in options:
-        full = list(encoded[ctx + cont])
-        start = min(common_prefix_length(full, encoded[ctx]), len(full) - 1)  # at least one token scored
-        if len(full) > max_len:
-            cut = len(full) - max_len
-            full = full[:1] + full[1 + cut:]
-            start = max(1, start - cut)
-        seqs.append(full)
-        starts.append(start)
+    seqs = [tokenizer.encode(ctx + cont, prepend=bos) for ctx, cont in options]
+    if task_type == "multiple_choice":
+        # Scored from the end of the prefix ALL options share, so words every choice starts with
+        # (PIQA's, COPA's) are not scored, exactly as the published figures were computed.
+        starts = [common_prefix_length(seqs)] * len(seqs)
+    elif task_type == "schema":
+        # Scored over the suffix all options share, context tokens included ("an" of "man"/
+        # "woman"), exactly as the published Winograd/WinoGrande figures were computed.
+        shared = common_prefix_length([s[::-1] for s in seqs])
+        starts = [len(s) - shared for s in seqs]
+    else:  # the continuation is what follows the context's tokens (a merge across the boundary counts)
+        starts = [common_prefix_length([seqs[0], tokenizer.encode(options[0][0], prepend=bos)])]
+    starts = [min(st, len(s) - 1) for s, st in zip(seqs, starts)]  # at least one token scored
+    if max_len is not None:
+        # The reference feeds its own models the whole prompt (their rotary tables cover it) and
+        # crops from the left, keeping the last tokens, only for a model that cannot take the
+        # length: a cut at the training context would change decisions the published figures made.
+        cuts = [max(0, len(s) - max_len) for s in seqs]
+        seqs = [s[cut:] for s, cut in zip(seqs, cuts)]
+        starts = [max(1, st - cut) for st, cut in zip(starts, cuts)]
     return seqs, starts
 
 
@@ -274,23 +263,15 @@ def score_item(model, seqs, starts, gold, task_type, device, pad_id):
     return mean_loss.argmin() == gold  # ties go to the first option (argmin returns the first minimum)
 
 
-def eval_indices(n, max_per_task=None) -> list[int]:
-    """All items, or a fixed random subset of max_per_task of them (rows are often sorted by category)."""
-    indices = list(range(n))
-    if max_per_task is not None and 0 <= max_per_task < n:
-        random.Random(SUBSET_SEED).shuffle(indices)
-        indices = sorted(indices[:max_per_task])
-    return indices
-
-
-def evaluate_task(model, tokenizer, task, data, device, max_len, max_per_task=None,
-                  rank=0, world_size=1, progress=False) -> tuple[int, int]:
-    """(correct, evaluated) over all ranks. Rank r takes items i with i % world_size == r of the
-    evaluated list; few-shot examples always come from the whole task."""
+def evaluate_task(model, tokenizer, task, data, device, max_per_task=None, rank=0, world_size=1,
+                  max_len=None, progress=False) -> tuple[int, int]:
+    """(correct, evaluated) over all ranks for the task's rows `data` (in file order). Rank r
+    takes items r, r + world_size, ... of task_rows(). max_len: the longest sequence the model
+    can take, None for ours (model.py grows its rotary tables on demand), e.g. 1024 for GPT-2."""
     device = torch.device(device)
     bos = tokenizer.get_bos_token_id()
-    indices = eval_indices(len(data), max_per_task)
-    mine = indices[rank::world_size]
+    rows = task_rows(data, max_per_task)
+    mine = range(rank, len(rows), world_size)
     if progress:
         from tqdm import tqdm
 
@@ -298,8 +279,8 @@ def evaluate_task(model, tokenizer, task, data, device, max_len, max_per_task=No
     results = []
     with torch.no_grad():
         for idx in mine:
-            options, gold = render_item(task, data, idx)
-            seqs, starts = tokenize_options(tokenizer, options, bos, max_len)
+            options, gold = render_item(task, rows, idx)
+            seqs, starts = tokenize_item(tokenizer, task["type"], options, bos, max_len)
             results.append(score_item(model, seqs, starts, gold, task["type"], device, bos))
     correct = torch.stack(results).sum() if results else torch.zeros((), device=device, dtype=torch.long)
     totals = torch.stack([correct.long(), torch.tensor(len(results), device=device)])
@@ -334,28 +315,34 @@ def core_summary(results: dict) -> dict:
     core_se = sqrt(sum of centered se^2) / n_tasks (the tasks are independent samples)."""
     done = {k: r for k, r in results.items() if not r.get("missing")}
     missing = [k for k, r in results.items() if r.get("missing")]
+    approximate = [k for k, r in done.items() if r.get("converted")]
     if not done:
-        return dict(core=None, core_se=None, n_tasks=0, tasks=[], missing=missing, partial=True)
+        return dict(core=None, core_se=None, n_tasks=0, tasks=[], missing=missing, partial=True, approximate=[])
     n = len(done)
     core = sum(r["centered"] for r in done.values()) / n
     core_se = math.sqrt(sum(r["centered_se"] ** 2 for r in done.values())) / n
-    return dict(core=core, core_se=core_se, n_tasks=n, tasks=list(done), missing=missing, partial=bool(missing))
+    return dict(core=core, core_se=core_se, n_tasks=n, tasks=list(done), missing=missing, partial=bool(missing),
+                approximate=approximate)
 
 
 def core_line(summary: dict, total_tasks: int) -> str:
-    """The one line that states CORE, and says so loudly when it averages fewer than all tasks."""
+    """The one line that states CORE, and says so loudly when it averages fewer than all tasks
+    or scores some on files converted here instead of the bundle's own."""
     if summary["core"] is None:
         return f"CORE: not computed (all {total_tasks} task files are missing)"
     line = f"CORE: {summary['core']:.4f} ± {summary['core_se']:.4f}"
     if summary["partial"]:
         line += (f" (PARTIAL: mean over {summary['n_tasks']} of {total_tasks} tasks; "
                  f"missing {', '.join(summary['missing'])})")
+    if summary["approximate"]:
+        line += f" (APPROXIMATE: {', '.join(summary['approximate'])} scored on locally converted files)"
     return line
 
 
-def run_core(model, tokenizer, bundle_dir, device, max_len, max_per_task=None, rank=0, world_size=1,
+def run_core(model, tokenizer, bundle_dir, device, max_per_task=None, rank=0, world_size=1, max_len=None,
              progress=True) -> tuple[dict, dict]:
-    """Evaluate every task of the bundle: (results per task label, core_summary)."""
+    """Evaluate every task of the bundle: (results per task label, core_summary). max_per_task and
+    max_len as in evaluate_task."""
     tasks = load_bundle(bundle_dir)
     results = {}
     for task in tasks:
@@ -365,9 +352,10 @@ def run_core(model, tokenizer, bundle_dir, device, max_len, max_per_task=None, r
             results[task["label"]] = dict(missing=True, path=str(task["path"]), type=task["type"])
             continue
         t0 = time.perf_counter()
-        correct, count = evaluate_task(model, tokenizer, task, data, device, max_len, max_per_task,
-                                       rank, world_size, progress=progress and rank == 0)
+        correct, count = evaluate_task(model, tokenizer, task, data, device, max_per_task, rank, world_size,
+                                       max_len, progress=progress and rank == 0)
         r = results[task["label"]] = task_result(task, correct, count)
+        r["converted"] = data[0].get("converted") if data else None  # the raw file it was converted from
         print0(f"{task['label']:<34} acc {r['accuracy']:.4f} ± {r['accuracy_se']:.4f}  centered "
                f"{r['centered']:+.4f}  n={count}  ({time.perf_counter() - t0:.1f}s)")
     summary = core_summary(results)
@@ -408,27 +396,16 @@ def read_results_csv(path) -> tuple[dict[str, float], float | None]:
     return accuracies, stated
 
 
-def reference_core(csv_path, meta_csv, tasks=None) -> tuple[float, dict[str, float], float | None]:
-    """CORE of a reference model from its per-task accuracies and the bundle's baselines:
-    (core, centered per task, the CORE the file itself states). `tasks` limits the mean to
-    those tasks, to compare with a partial CORE on equal terms."""
-    accuracies, stated = read_results_csv(csv_path)
-    if tasks is not None:
-        accuracies = {label: acc for label, acc in accuracies.items() if label in set(tasks)}
-    baselines = read_baselines(meta_csv)
-    unknown = sorted(set(accuracies) - set(baselines))
-    if unknown:
-        raise UserError(f"{csv_path} has tasks without a baseline in {meta_csv}: {', '.join(unknown)}")
-    cent = {label: centered(acc, baselines[label]) for label, acc in accuracies.items()}
-    return (sum(cent.values()) / len(cent) if cent else float("nan")), cent, stated
-
-
-def reference_lines(bundle_dir, tasks) -> dict[str, float]:
-    """CORE of each reference model in the bundle (openai-community-gpt2*.csv) over `tasks`."""
+def reference_cores(bundle_dir, tasks=None) -> dict[str, float]:
+    """CORE of each reference model in the bundle (openai-community-gpt2*.csv) from its per-task
+    accuracies and the bundle's baselines; `tasks` limits the mean to those tasks, to compare
+    with a partial CORE on equal terms."""
+    baselines = read_baselines(Path(bundle_dir) / "eval_meta_data.csv")
     out = {}
     for path in sorted(Path(bundle_dir).glob("openai-community-*.csv")):
-        core, _, _ = reference_core(path, Path(bundle_dir) / "eval_meta_data.csv", tasks)
-        out[path.stem.removeprefix("openai-community-")] = core
+        accuracies, _ = read_results_csv(path)
+        cent = [centered(acc, baselines[label]) for label, acc in accuracies.items() if tasks is None or label in tasks]
+        out[path.stem.removeprefix("openai-community-")] = sum(cent) / len(cent)
     return out
 
 

@@ -1,6 +1,7 @@
 """CORE evaluation (core_eval.py) and the base_eval CLI, with a fake word-level tokenizer and
 fake models whose logits are known, so nothing here needs a trained model."""
 
+import bz2
 import functools
 import http.server
 import json
@@ -18,7 +19,8 @@ import base_eval
 import core_eval
 from common import UserError
 
-BUNDLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "core_eval_bundle"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BUNDLE, GPT2_BPE, RAW = DATA / "core_eval_bundle", DATA / "gpt2_bpe", DATA / "core_missing"
 needs_bundle = pytest.mark.skipif(not (BUNDLE / "core.yaml").exists(),
                                   reason=f"the real CORE eval bundle is not at {BUNDLE}")
 
@@ -41,43 +43,30 @@ class FakeTokenizer:
 
     def __init__(self):
         self.vocab = {"<|bos|>": 0}
-        self.inverse = ["<|bos|>"]
 
     def get_bos_token_id(self):
         return 0
 
-    def _id(self, piece):
-        if piece not in self.vocab:
-            self.vocab[piece] = len(self.inverse)
-            self.inverse.append(piece)
-        return self.vocab[piece]
-
     def encode(self, text, prepend=None):
-        return ([] if prepend is None else [prepend]) + [self._id(p) for p in self.PATTERN.findall(text)]
+        ids = [self.vocab.setdefault(piece, len(self.vocab)) for piece in self.PATTERN.findall(text)]
+        return ([] if prepend is None else [prepend]) + ids
 
     def decode(self, ids):
-        return "".join(self.inverse[i] for i in ids)
-
-
-class UniformModel:
-    """Every token equally likely: every option of an item ties."""
-
-    def __init__(self, vocab_size=4096):
-        self.V = vocab_size
-
-    def __call__(self, ids):
-        return torch.zeros(*ids.shape, self.V)
+        pieces = {i: piece for piece, i in self.vocab.items()}
+        return "".join(pieces[i] for i in ids)
 
 
 class MarkerModel:
-    """Strongly prefers one token everywhere: options made of it have the lowest loss."""
+    """Strongly prefers one token everywhere, so options made of it have the lowest loss; with no
+    marker every token is equally likely and every option of an item ties."""
 
-    def __init__(self, marker, vocab_size=4096):
+    def __init__(self, marker=None, vocab_size=4096):
         self.marker, self.V = marker, vocab_size
 
     def __call__(self, ids):
         logits = torch.zeros(*ids.shape, self.V)
-        logits[..., self.marker] = 10.0
+        if self.marker is not None:
+            logits[..., self.marker] = 10.0
         return logits
 
 
@@ -92,75 +81,23 @@ class OracleModel:
     def __call__(self, ids):
         logits = torch.zeros(*ids.shape, self.V)
         for b, row in enumerate(ids.tolist()):
-            best = max(self.golds, key=lambda g: core_eval.common_prefix_length(row, g))
-            agree = core_eval.common_prefix_length(row, best)
+            best = max(self.golds, key=lambda g: core_eval.common_prefix_length([row, g]))
+            agree = core_eval.common_prefix_length([row, best])
             for t in range(min(agree, len(best) - 1)):
                 logits[b, t, best[t + 1]] = 10.0
         return logits
 
 
-def mc_task(n, num_choices=4, label="synthetic_mc", baseline=0.25, shots=0):
-    """A multiple-choice task whose gold option is always the word 'zzz' and whose gold index
-    cycles through every position (so ties broken by the first option score exactly 1/k)."""
-    rows = []
-    for i in range(n):
-        gold = i % num_choices
-        choices = [f"option{j} number{i}" for j in range(num_choices)]
-        choices[gold] = "zzz zzz"
-        rows.append({"query": f"Question {i}: which one?", "choices": choices, "gold": gold})
-    task = dict(label=label, path="unused", type="multiple_choice", num_fewshot=shots, delimiter=" ", baseline=baseline)
-    return task, rows
+def mc_task(n):
+    """A 4-choice task whose gold option is always the words 'zzz zzz' and whose gold index
+    cycles through every position (so ties broken by the first option score exactly 1/4)."""
+    rows = [{"query": f"Question {i}: which one?", "gold": i % 4,
+             "choices": ["zzz zzz" if j == i % 4 else f"option{j} number{i}" for j in range(4)]} for i in range(n)]
+    return dict(label="mc", path="unused", type="multiple_choice", num_fewshot=0, delimiter=" ", baseline=0.25), rows
 
 
 # ---------------------------------------------------------------------------
-# core.yaml, baselines, the reference CSVs
-
-
-@needs_bundle
-def test_real_core_yaml_and_baselines():
-    tasks = core_eval.load_bundle(BUNDLE)
-    assert len(tasks) == 22
-    by_label = {t["label"]: t for t in tasks}
-    assert by_label["jeopardy"]["delimiter"] == "\nAnswer: " and by_label["jeopardy"]["num_fewshot"] == 10
-    assert by_label["copa"]["delimiter"] == " " and by_label["copa"]["num_fewshot"] == 0
-    assert by_label["agi_eval_lsat_ar"]["num_fewshot"] == 3
-    assert by_label["winogrande"]["type"] == "schema"
-    assert by_label["lambada_openai"]["type"] == "language_modeling"
-    assert by_label["boolq"]["baseline"] == pytest.approx(0.62)
-    assert by_label["bigbench_language_identification"]["baseline"] == pytest.approx(0.091)
-    assert by_label["hellaswag_zeroshot"]["path"] == by_label["hellaswag"]["path"]
-    assert sum(t["type"] == "multiple_choice" for t in tasks) == 11
-    assert sum(t["type"] == "language_modeling" for t in tasks) == 9
-
-
-def test_yaml_parser_forms_and_errors():
-    text = 'icl_tasks:\n# comment\n- label: a\n  num_fewshot: [3]\n  continuation_delimiter: "\\nA: "\n' \
-           "-\n  label: 'b'\n  has_categories: true\n  x: 1.5\n"
-    assert core_eval.parse_core_yaml(text) == [
-        {"label": "a", "num_fewshot": [3], "continuation_delimiter": "\nA: "},
-        {"label": "b", "has_categories": True, "x": 1.5}]
-    with pytest.raises(UserError, match="line 2"):
-        core_eval.parse_core_yaml("icl_tasks:\n  label: a\n")
-
-
-@needs_bundle
-@pytest.mark.parametrize("name, core", [("openai-community-gpt2.csv", 0.113891),
-                                        ("openai-community-gpt2-xl.csv", 0.256525)])
-def test_gpt2_reference_csv_gives_its_core(name, core):
-    computed, per_task, stated = core_eval.reference_core(BUNDLE / name, BUNDLE / "eval_meta_data.csv")
-    assert stated == core
-    assert len(per_task) == 22
-    assert computed == pytest.approx(core, abs=2e-6)  # accuracies are rounded to 6 decimals
-    # on a subset of tasks (a partial CORE): the mean of those tasks' centered values only
-    subset, _, _ = core_eval.reference_core(BUNDLE / name, BUNDLE / "eval_meta_data.csv", ["copa", "boolq"])
-    assert subset == pytest.approx((per_task["copa"] + per_task["boolq"]) / 2)
-    if name == "openai-community-gpt2.csv":  # two hand-checked centered values
-        assert per_task["boolq"] == pytest.approx((0.552294 - 0.62) / 0.38)
-        assert per_task["copa"] == pytest.approx(0.2)
-
-
-# ---------------------------------------------------------------------------
-# Prompt rendering on real rows
+# The real bundle: core.yaml, the GPT-2 reference CSVs, prompts
 
 
 @pytest.fixture(scope="module")
@@ -171,117 +108,133 @@ def real():
     return tasks, {label: core_eval.load_task_data(t) for label, t in tasks.items()}
 
 
-def test_render_multiple_choice_zero_shot(real):
-    tasks, data = real
-    options, gold = core_eval.render_item(tasks["copa"], data["copa"], 0)
-    assert options == [("The man turned on the faucet, therefore ", "the toilet filled with water."),
-                       ("The man turned on the faucet, therefore ", "water flowed from the spout.")]
-    assert gold == 1
+def test_real_core_yaml_and_baselines(real):
+    tasks, _ = real
+    assert len(tasks) == 22 and [t["type"] for t in tasks.values()].count("multiple_choice") == 11
+    assert (tasks["jeopardy"]["delimiter"], tasks["jeopardy"]["num_fewshot"]) == ("\nAnswer: ", 10)
+    assert (tasks["copa"]["delimiter"], tasks["agi_eval_lsat_ar"]["num_fewshot"]) == (" ", 3)
+    assert tasks["winogrande"]["type"] == "schema" and tasks["boolq"]["baseline"] == pytest.approx(0.62)
+    assert tasks["hellaswag_zeroshot"]["path"] == tasks["hellaswag"]["path"]
 
 
-def test_render_multiple_choice_few_shot(real):
-    tasks, data = real
-    options, gold = core_eval.render_item(tasks["arc_easy"], data["arc_easy"], 0)
-    assert gold == 0 and len(options) == 4
-    context = options[0][0]
-    assert all(ctx == context for ctx, _ in options)
-    assert [cont for _, cont in options] == data["arc_easy"][0]["choices"]
-    # the first of 10 examples drawn with random.Random(1234 + 0) from the other 2375 rows is row 1806
-    assert context.startswith("Question: The first telescopes were invented hundreds of years ago. Which was "
-                              "discovered as a result of this invention?\nAnswer: the moons of Jupiter\n\n"
-                              "Question: Some birds fly south in the fall and return in the spring. This is an "
-                              "example of\nAnswer: migration\n\n")
-    assert context.endswith("\n\nQuestion: Which statement best explains why photosynthesis is the foundation of "
-                            "most food webs?\nAnswer: ")
-    assert context.count("\n\nQuestion: ") == 10
-    picked = random.Random(1234).sample([i for i in range(len(data["arc_easy"])) if i != 0], 10)
-    expected = "".join(f"{data['arc_easy'][i]['query']}\nAnswer: "
-                       f"{data['arc_easy'][i]['choices'][data['arc_easy'][i]['gold']]}\n\n" for i in picked)
-    assert context == expected + data["arc_easy"][0]["query"] + "\nAnswer: "
+@needs_bundle
+def test_gpt2_reference_csvs_give_their_core():
+    cores = core_eval.reference_cores(BUNDLE)
+    for name, core in [("gpt2", 0.113891), ("gpt2-xl", 0.256525)]:
+        assert core_eval.read_results_csv(BUNDLE / f"openai-community-{name}.csv")[1] == core
+        assert cores[name] == pytest.approx(core, abs=2e-6)  # accuracies are rounded to 6 decimals
+    # a partial CORE compares with the mean over the same tasks: GPT-2's boolq 0.552294, copa 0.6
+    subset = core_eval.reference_cores(BUNDLE, ["copa", "boolq"])["gpt2"]
+    assert subset == pytest.approx(((0.552294 - 0.62) / 0.38 + 0.2) / 2)
 
 
-def test_render_schema(real):
-    tasks, data = real
+def test_render_schema_and_language_modeling(real):
+    tasks, data = real  # multiple choice: see the few-shot test below
     options, gold = core_eval.render_item(tasks["winograd"], data["winograd"], 0)
     assert options == [
         ("The city councilmen refused the demonstrators a permit because the city councilmen ", "feared violence."),
         ("The city councilmen refused the demonstrators a permit because the demonstrators ", "feared violence.")]
-    assert gold == 0
-
-
-def test_render_language_modeling(real):
-    tasks, data = real
     (context, continuation), = core_eval.render_item(tasks["lambada_openai"], data["lambada_openai"], 0)[0]
     assert continuation == " signs"  # the delimiter's space moves over: the context is right-stripped
-    assert context.endswith("his mouth curved in a confident grin, I don't care about")
     assert context == data["lambada_openai"][0]["context"].strip()
-
     (context, continuation), = core_eval.render_item(tasks["jeopardy"], data["jeopardy"], 0)[0]
-    assert continuation == " Admiral Richard Byrd"
-    assert context.startswith("WORD ORIGINS: This word for a cantankerous personality is a variation of "
-                              "ordinary\nAnswer: ornery\n\nAMERICAN HISTORY: In 1888 he won the presidency")
+    assert continuation == " Admiral Richard Byrd" and context.count("\nAnswer: ") == 10
     assert context.endswith("\n\nWORLD HISTORY: This Navy commander flew from a base at Little America to the "
                             "South Pole & back Nov. 28-29, 1929\nAnswer:")
-    assert context.count("\nAnswer: ") == 10
 
 
-GPT2_BPE = BUNDLE.parent / "gpt2_bpe"
+def test_few_shot_prompt_follows_the_reference_draws(real):
+    """arc_easy as the reference evaluates it: rows shuffled with Random(1337), item 0's ten
+    examples drawn with Random(1234).sample from the other (shuffled) rows."""
+    tasks, data = real
+    shuffled = list(data["arc_easy"])
+    random.Random(1337).shuffle(shuffled)
+    rows = core_eval.task_rows(data["arc_easy"])
+    assert rows == shuffled
+    options, gold = core_eval.render_item(tasks["arc_easy"], rows, 0)
+    picked = random.Random(1234).sample([i for i in range(len(rows)) if i != 0], 10)
+    expected = "".join(f"{rows[i]['query']}\nAnswer: {rows[i]['choices'][rows[i]['gold']]}\n\n" for i in picked)
+    assert options == [(expected + rows[0]["query"] + "\nAnswer: ", c) for c in rows[0]["choices"]]
+    assert gold == rows[0]["gold"]
+    assert expected.startswith("Question: The Sun is the largest body in the solar system. The Sun is a ___.\n"
+                               "Answer: star\n\n")
 
 
 @pytest.mark.skipif(not (GPT2_BPE / "gpt2_vocab.json").exists(), reason=f"GPT-2's vocab is not at {GPT2_BPE}")
-def test_continuation_tokens_with_a_real_bpe(real):
-    """GPT-2's BPE (through our Tokenizer): the scored tokens are exactly the continuation, with
-    the boundary space folded into the first word the way the tokenizer splits it."""
+def test_scored_tokens_with_a_real_bpe(real):
+    """GPT-2's BPE (through our Tokenizer): multiple choice scores after the tokens all options
+    share (COPA's " she", PIQA's " Blow into"), schema the suffix they share (Winograd's
+    " students"), language modeling the continuation with the boundary space folded in."""
     from tokenizer import GPT2_SPLIT_PATTERN, Tokenizer, load_gpt2_encoding
 
     tok = Tokenizer(load_gpt2_encoding(GPT2_BPE)._mergeable_ranks, GPT2_SPLIT_PATTERN)
     bos = tok.get_bos_token_id()
     tasks, data = real
-    expected = {"copa": [" the toilet filled with water.", " water flowed from the spout."],
-                "winograd": [" feared violence.", " feared violence."],
-                "lambada_openai": [" signs"],
-                "jeopardy": [" Admiral Richard Byrd"],
-                "arc_easy": [" " + c for c in data["arc_easy"][0]["choices"]],
-                # its query ends in a space: the context ends ":", " ", " " and the first " " is shared
-                "bigbench_language_identification": [" A", " B", " C", " D"]}
-    for label, continuations in expected.items():
-        options, _ = core_eval.render_item(tasks[label], data[label], 0)
-        seqs, starts = core_eval.tokenize_options(tok, options, bos, 4096)
-        assert [tok.decode(s[st:]) for s, st in zip(seqs, starts)] == continuations, label
+    expected = {("copa", 0): [" the toilet filled with water.", " water flowed from the spout."],
+                ("copa", 1): [" poured milk in the bowl.", " lost her appetite."],
+                ("piqa", 3): [" tin can and tie with rubber band.", " trash bag and tie with rubber band."],
+                ("winograd", 40): [" students .", " students ."],
+                ("lambada_openai", 0): [" signs"],
+                ("bigbench_language_identification", 0): [" A", " B", " C", " D"]}
+    for (label, idx), scored in expected.items():
+        options, _ = core_eval.render_item(dict(tasks[label], num_fewshot=0), data[label], idx)
+        seqs, starts = core_eval.tokenize_item(tok, tasks[label]["type"], options, bos)
+        assert [tok.decode(s[st:]) for s, st in zip(seqs, starts)] == scored, label
         assert all(s[0] == bos and tok.decode(s[1:]) == ctx + cont for s, (ctx, cont) in zip(seqs, options))
 
 
-def test_fewshot_draws_match_the_plain_list_and_exclude_the_item():
-    for n, idx, k in [(5, 0, 4), (100, 37, 10), (2376, 2375, 10), (20321, 5, 10)]:
-        rng_a, rng_b = random.Random(1234 + idx), random.Random(1234 + idx)
-        assert rng_a.sample(core_eval._AllBut(n, idx), k) == rng_b.sample([i for i in range(n) if i != idx], k)
-    data = [{"i": i} for i in range(4)]
-    assert len(core_eval.fewshot_examples(data, 2, 10)) == 3  # capped at the other rows
-    assert {"i": 2} not in core_eval.fewshot_examples(data, 2, 10)
-
-
 # ---------------------------------------------------------------------------
-# Tokens
+# The reference's rules on hand-built items
 
 
-def test_continuation_tokens_follow_the_word_boundary():
+def test_scored_tokens_skip_shared_leading_words_and_take_shared_trailing_context():
     tok = FakeTokenizer()
-    seqs, starts = core_eval.tokenize_options(tok, [("the faucet, therefore ", "the toilet"),
-                                                     ("the faucet, therefore ", "water")], 0, 100)
-    assert [tok.decode(s[st:]) for s, st in zip(seqs, starts)] == [" the toilet", " water"]  # not " " + "the"
-    assert all(s[0] == 0 for s in seqs)
-    seqs, starts = core_eval.tokenize_options(tok, [("The country of Novosibirsk is", " Russia")], 0, 100)
-    assert tok.decode(seqs[0][starts[0]:]) == " Russia" and starts[0] == len(seqs[0]) - 1
+
+    def scored(kind, options):
+        return [tok.decode(s[st:]) for s, st in zip(*core_eval.tokenize_item(tok, kind, options, 0))]
+
+    # multiple choice: the words every option starts with are not scored
+    mc = [("Pick one: ", "the red ball"), ("Pick one: ", "the red car"), ("Pick one: ", "the blue car")]
+    assert scored("multiple_choice", mc) == [" red ball", " red car", " blue car"]
+    # schema: the context token every option ends with is scored with the continuation
+    schema = [("The trophy did not fit in the case because the trophy was ", "too big."),
+              ("The trophy did not fit in the case because the case was ", "too big.")]
+    assert scored("schema", schema) == [" was too big."] * 2
+    # language modeling: the continuation, with the boundary space merged into its first token
+    assert scored("language_modeling", [("The country of Novosibirsk is", " Russia")]) == [" Russia"]
 
 
-def test_long_prompts_are_cut_from_the_left_keeping_bos_and_continuation():
+def test_long_prompts_go_in_whole_and_are_cropped_from_the_left_only_past_max_len():
     tok = FakeTokenizer()
-    words = ["w" + "".join(chr(97 + int(d)) for d in str(i)) for i in range(50)]  # one token each: wa, wb, ...
+    words = ["w" + "".join(chr(97 + i // 26**p % 26) for p in range(3)) for i in range(3000)]  # one token each
     context = " ".join(words) + " "
-    seqs, starts = core_eval.tokenize_options(tok, [(context, "final answer")], 0, 10)
-    assert len(seqs[0]) == 10 and seqs[0][0] == 0
-    assert tok.decode(seqs[0][starts[0]:]) == " final answer"
-    assert tok.decode(seqs[0][1:starts[0]]).split() == words[-7:]
+    seqs, starts = core_eval.tokenize_item(tok, "multiple_choice", [(context, "final answer"), (context, "other")], 0)
+    assert [len(s) for s in seqs] == [3003, 3002] and seqs[0][0] == 0  # BOS + 3000 words + the option
+    seqs, starts = core_eval.tokenize_item(tok, "multiple_choice", [(context, "final answer"), (context, "other")],
+                                           0, max_len=10)
+    assert [tok.decode(s) for s in seqs] == [" " + " ".join(words[-8:]) + " final answer",  # the last 10 tokens
+                                             " " + " ".join(words[-9:]) + " other"]
+    assert [tok.decode(s[st:]) for s, st in zip(seqs, starts)] == [" final answer", " other"]
+    # our GPT takes the whole prompt: evaluate_task feeds all of it without a max_len
+    task = dict(label="long", path="unused", type="multiple_choice", num_fewshot=0, delimiter=" ", baseline=0.25)
+    lengths = []
+    core_eval.evaluate_task(lambda ids: lengths.append(ids.shape[1]) or torch.zeros(*ids.shape, 4096), tok, task,
+                            [{"query": context.strip(), "choices": ["a", "b"], "gold": 0}], "cpu")
+    assert lengths == [3002]
+
+
+def test_items_and_few_shot_examples_follow_random_1337_then_1234_plus_idx():
+    data = [{"i": i} for i in range(10)]
+    assert [r["i"] for r in core_eval.task_rows(data)] == [0, 3, 7, 2, 1, 6, 4, 5, 8, 9]
+    rows = core_eval.task_rows(data, 4)  # shuffled, then cut: the examples come from these 4 rows
+    assert [r["i"] for r in rows] == [0, 3, 7, 2]
+    assert [[ex["i"] for ex in core_eval.fewshot_examples(rows, idx, 2)] for idx in range(4)] == \
+        [[7, 3], [2, 7], [2, 3], [0, 3]]
+    assert len(core_eval.fewshot_examples(rows, 2, 10)) == 3  # capped at the other rows
+    for n, idx, k in [(5, 0, 4), (100, 37, 10), (2376, 2375, 10), (20321, 5, 10)]:  # the reference's plain list
+        rows = list(range(n))
+        plain = random.Random(1234 + idx).sample([i for i in range(n) if i != idx], k)
+        assert core_eval.fewshot_examples(rows, idx, k) == plain
 
 
 # ---------------------------------------------------------------------------
@@ -291,31 +244,20 @@ def test_long_prompts_are_cut_from_the_left_keeping_bos_and_continuation():
 def test_model_that_prefers_gold_scores_one_and_uniform_scores_the_baseline():
     task, rows = mc_task(40)
     tok = FakeTokenizer()
-    marker = tok.encode(" zzz")[0]
-    correct, n = core_eval.evaluate_task(MarkerModel(marker), tok, task, rows, "cpu", 64)
+    correct, n = core_eval.evaluate_task(MarkerModel(tok.encode(" zzz")[0]), tok, task, rows, "cpu")
     assert (correct, n) == (40, 40)
     # uniform logits: every option ties, the first wins; gold cycles, so accuracy is exactly 1/4
-    correct, n = core_eval.evaluate_task(UniformModel(), tok, task, rows, "cpu", 64)
+    correct, n = core_eval.evaluate_task(MarkerModel(), tok, task, rows, "cpu")
     result = core_eval.task_result(task, correct, n)
     assert result["accuracy"] == 0.25 and result["centered"] == 0.0
     assert result["accuracy_se"] == pytest.approx(math.sqrt(0.25 * 0.75 / 40))
     # a model that avoids gold scores 0 and a negative centered accuracy
-    avoid = MarkerModel(tok.encode(" option")[0])
-    correct, n = core_eval.evaluate_task(avoid, tok, task, rows, "cpu", 64)
-    assert correct == 0 and core_eval.task_result(task, correct, n)["centered"] == pytest.approx(-1 / 3)
-
-
-def test_uniform_model_is_at_chance_when_gold_is_random():
-    """With gold drawn at random, uniform logits score the baseline within the standard error."""
-    task, rows = mc_task(400, num_choices=2, baseline=0.5)
-    rng = random.Random(0)
-    for row in rows:  # move the gold "zzz zzz" to a random position
-        gold = rng.randrange(2)
-        row["choices"][row["gold"]], row["choices"][gold] = row["choices"][gold], row["choices"][row["gold"]]
-        row["gold"] = gold
-    correct, n = core_eval.evaluate_task(UniformModel(), FakeTokenizer(), task, rows, "cpu", 64)
-    result = core_eval.task_result(task, correct, n)
-    assert abs(result["centered"]) < 3 * result["centered_se"]
+    correct, n = core_eval.evaluate_task(MarkerModel(tok.encode(" option")[0]), tok, task, rows, "cpu", 20)
+    assert (correct, n) == (0, 20) and core_eval.task_result(task, correct, n)["centered"] == pytest.approx(-1 / 3)
+    # ranks (no process group here: each rank's own share) take every item once
+    counts = [core_eval.evaluate_task(MarkerModel(tok.encode(" zzz")[0]), tok, task, rows[:13], "cpu", rank=r,
+                                      world_size=3) for r in range(3)]
+    assert counts == [(5, 5), (4, 4), (4, 4)]
 
 
 def test_language_modeling_needs_every_token_greedily():
@@ -323,56 +265,47 @@ def test_language_modeling_needs_every_token_greedily():
     z = tok.encode(" zzz")[0]
     task = dict(label="lm", path="unused", type="language_modeling", num_fewshot=2, delimiter=" ", baseline=0.0)
     rows = [{"context": f"Item {i} says", "continuation": "zzz zzz" if i % 2 == 0 else "zzz yyy"} for i in range(10)]
-    correct, n = core_eval.evaluate_task(MarkerModel(z), tok, task, rows, "cpu", 64)
-    assert (correct, n) == (5, 10)  # "zzz yyy" misses its last token
-    assert core_eval.evaluate_task(UniformModel(), tok, task, rows, "cpu", 64) == (0, 10)
+    assert core_eval.evaluate_task(MarkerModel(z), tok, task, rows, "cpu") == (5, 10)  # "zzz yyy" misses its last token
+    assert core_eval.evaluate_task(MarkerModel(), tok, task, rows, "cpu") == (0, 10)
 
 
 @needs_bundle
 @pytest.mark.parametrize("label", ["copa", "arc_easy", "boolq", "winograd", "winogrande", "lambada_openai",
                                    "jeopardy", "bigbench_dyck_languages", "bigbench_language_identification"])
 def test_oracle_scores_one_on_real_rows_and_uniform_scores_first_option_rate(real, label):
-    """Every task type, few-shot and truncated prompts included (max_len 192)."""
+    """Every task type, few-shot and left-cropped prompts included (max_len 192)."""
     tasks, data = real
-    task, rows, max_len, k = tasks[label], data[label], 192, 6
+    task, max_len, k = tasks[label], 192, 6
     tok = FakeTokenizer()
+    rows = core_eval.task_rows(data[label], k)
     golds, first_is_gold = [], 0
-    for idx in core_eval.eval_indices(len(rows), k):
+    for idx in range(k):
         options, gold = core_eval.render_item(task, rows, idx)
-        seqs, _ = core_eval.tokenize_options(tok, options, 0, max_len)
+        seqs, _ = core_eval.tokenize_item(tok, task["type"], options, 0, max_len)
         assert max(len(s) for s in seqs) <= max_len
         golds.append(seqs[gold])
         first_is_gold += gold == 0 and task["type"] != "language_modeling"
     V = len(tok.vocab) + 1
-    assert core_eval.evaluate_task(OracleModel(golds, V), tok, task, rows, "cpu", max_len, k) == (k, k)
-    assert core_eval.evaluate_task(UniformModel(V), tok, task, rows, "cpu", max_len, k) == (first_is_gold, k)
-
-
-def test_ranks_split_the_items_and_cover_them_once():
-    task, rows = mc_task(13)
-    tok = FakeTokenizer()
-    marker = tok.encode(" zzz")[0]
-    counts = [core_eval.evaluate_task(MarkerModel(marker), tok, task, rows, "cpu", 64, rank=r, world_size=3)
-              for r in range(3)]  # no process group: each rank's own share
-    assert counts == [(5, 5), (4, 4), (4, 4)]
-    assert core_eval.eval_indices(100, 10) == core_eval.eval_indices(100, 10) != list(range(10))
-    assert core_eval.eval_indices(5, 10) == list(range(5))
+    assert core_eval.evaluate_task(OracleModel(golds, V), tok, task, data[label], "cpu", k, max_len=max_len) == (k, k)
+    assert core_eval.evaluate_task(MarkerModel(vocab_size=V), tok, task, data[label], "cpu", k, max_len=max_len) == \
+        (first_is_gold, k)
 
 
 # ---------------------------------------------------------------------------
-# A synthetic bundle end to end: missing tasks, the partial CORE line, the CSV
+# A synthetic bundle end to end: missing tasks, converted tasks, the CORE line, the CSV
 
 
-def make_bundle(root: Path, with_lm=True) -> Path:
+def make_bundle(root: Path) -> Path:
     (root / "eval_data" / "x").mkdir(parents=True)
     (root / "core.yaml").write_text(
         "icl_tasks:\n"
         "-\n  label: mc\n  dataset_uri: x/mc.jsonl\n  num_fewshot: [1]\n  icl_task_type: multiple_choice\n"
         "-\n  label: lm\n  dataset_uri: x/lm.jsonl\n  num_fewshot: [0]\n  icl_task_type: language_modeling\n"
         '  continuation_delimiter: "\\nAnswer: "\n'
-        "-\n  label: gone\n  dataset_uri: x/gone.jsonl\n  num_fewshot: [0]\n  icl_task_type: schema\n")
+        "-\n  label: gone\n  dataset_uri: reading_comprehension/squad.jsonl\n  num_fewshot: [0]\n"
+        "  icl_task_type: language_modeling\n")
     (root / "eval_meta_data.csv").write_text(
-        'Eval Task,Task Category,Random baseline,Description\nmc,a,25,"has, commas"\nlm,b,0,x\ngone,c,50,y\n')
+        'Eval Task,Task Category,Random baseline,Description\nmc,a,25,"has, commas"\nlm,b,0,x\ngone,c,0,y\n')
     _, rows = mc_task(8)
     (root / "eval_data" / "x" / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lm = [{"context": f"Q{i}", "continuation": "zzz"} for i in range(6)]
@@ -382,19 +315,58 @@ def make_bundle(root: Path, with_lm=True) -> Path:
 
 def test_run_core_reports_missing_tasks_and_a_partial_core(tmp_path, capsys):
     bundle = make_bundle(tmp_path / "bundle")
+    assert core_eval.load_bundle(bundle)[1]["delimiter"] == "\nAnswer: "
     tok = FakeTokenizer()
-    results, summary = core_eval.run_core(MarkerModel(tok.encode(" zzz")[0]), tok, bundle, "cpu", 64, progress=False)
+    results, summary = core_eval.run_core(MarkerModel(tok.encode(" zzz")[0]), tok, bundle, "cpu", progress=False)
     assert results["gone"]["missing"] and results["mc"]["accuracy"] == 1.0 and results["lm"]["n"] == 6
     assert summary["partial"] and summary["tasks"] == ["mc", "lm"] and summary["missing"] == ["gone"]
     assert summary["core"] == pytest.approx(1.0) and summary["core_se"] == 0.0
     line = core_eval.core_line(summary, 3)
-    assert "PARTIAL" in line and "2 of 3" in line and "gone" in line
+    assert "PARTIAL" in line and "2 of 3" in line and "gone" in line and "APPROXIMATE" not in line
     assert "MISSING" in capsys.readouterr().out
 
     path = tmp_path / "out" / "core.csv"
     core_eval.write_core_csv(path, results, summary)
-    accuracies, stated = core_eval.read_results_csv(path)
-    assert accuracies == {"mc": 1.0, "lm": 1.0} and stated == 1.0
+    assert core_eval.read_results_csv(path) == ({"mc": 1.0, "lm": 1.0}, 1.0)
+
+
+def test_converted_tasks_fill_in_for_missing_files_and_are_marked(tmp_path, base_dir):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with bz2.open(raw / "hellaswag_val_full.txt.bz2", "wt") as f:  # six lines per item
+        f.write("Roof shingle removal: A man is on a roof. he\n1\nskis.\nstarts.\nc\nd\nJump: A Boy.\n0\na\nb\nc\nd\n")
+    with zipfile.ZipFile(raw / "dev-v1.1.json.zip", "w") as zf:
+        zf.writestr("dev-v1.1.json", json.dumps({"data": [{"paragraphs": [{"context": "Paris is in France.", "qas": [
+            {"question": "Where is Paris?", "answers": [{"text": "France"}, {"text": "in France"}]}]}]}]}))
+    base_eval.main(["--convert-missing", str(raw)])
+    hella, squad = (core_eval.load_task_data({"path": base_dir / "core_converted" / name})
+                    for name in core_eval.CONVERTERS)
+    assert hella == [{"query": "Roof shingle removal: A man is on a roof. He", "gold": 1,
+                      "choices": ["skis.", "starts.", "c", "d"], "converted": "hellaswag_val_full.txt.bz2"},
+                     {"query": "Jump: A Boy.", "choices": ["a", "b", "c", "d"], "gold": 0,
+                      "converted": "hellaswag_val_full.txt.bz2"}]
+    assert [(r["context"], r["continuation"]) for r in squad] == [
+        ("Context: Paris is in France.\nQuestion: Where is Paris?\nAnswer:", "France")]
+
+    bundle = make_bundle(tmp_path / "bundle")  # its task "gone" is squad.jsonl, which the bundle lacks
+    results, summary = core_eval.run_core(MarkerModel(), FakeTokenizer(), bundle, "cpu", progress=False)
+    assert results["gone"]["n"] == 1 and not summary["partial"] and summary["approximate"] == ["gone"]
+    assert "APPROXIMATE: gone" in core_eval.core_line(summary, 3)
+    own = bundle / "eval_data" / "reading_comprehension" / "squad.jsonl"  # the bundle's own file wins
+    own.parent.mkdir()
+    own.write_text('{"context": "Q", "continuation": "A"}\n')
+    assert core_eval.load_bundle(bundle)[2]["path"] == own
+
+
+@pytest.mark.skipif(not (RAW / "hellaswag_val_full.txt.bz2").exists(), reason=f"no raw HellaSwag/SQuAD in {RAW}")
+def test_real_raw_files_convert_to_every_item(base_dir):
+    hella, squad = core_eval.convert_missing(RAW)
+    hella, squad = (core_eval.load_task_data({"path": path}) for path in (hella, squad))
+    assert len(hella) == 10042 and len(squad) == 10570
+    assert hella[1]["query"] == "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady"
+    assert hella[1]["gold"] == 3 and hella[1]["choices"][3] == "stands and lifts the weight over her head."
+    assert squad[2]["continuation"] == "Santa Clara, California"
+    assert squad[2]["context"].endswith("Arabic numerals 50.\nQuestion: Where did Super Bowl 50 take place?\nAnswer:")
 
 
 def test_core_standard_error_propagates():
@@ -402,8 +374,7 @@ def test_core_standard_error_propagates():
     summary = core_eval.core_summary(results)
     assert summary["core"] == pytest.approx(0.3) and summary["core_se"] == pytest.approx(0.05 / 2)
     assert not summary["partial"]
-    task = dict(type="multiple_choice", num_fewshot=0, baseline=0.62)
-    r = core_eval.task_result(task, 60, 100)
+    r = core_eval.task_result(dict(type="multiple_choice", num_fewshot=0, baseline=0.62), 60, 100)
     assert r["centered_se"] == pytest.approx(math.sqrt(0.6 * 0.4 / 100) / 0.38)
 
 
@@ -463,10 +434,9 @@ def test_bundle_download_that_is_not_a_zip_is_a_user_error(server, monkeypatch, 
 def test_cli_flags():
     args = base_eval.parse_args(["--eval", "core, sample", "--max-per-task", "5", "--source", "mid"])
     assert args.evals == ["core", "sample"] and args.max_per_task == 5 and args.source == "mid"
-    with pytest.raises(UserError, match="--eval"):
+    assert base_eval.parse_args(["--max-per-task", "0"]).max_per_task == -1  # every item
+    with pytest.raises(SystemExit):
         base_eval.parse_args(["--eval", "core,mmlu"])
-    with pytest.raises(UserError, match="--max-per-task"):
-        base_eval.parse_args(["--max-per-task", "0"])
 
 
 def test_report_section_has_the_summary_numbers(base_dir):
