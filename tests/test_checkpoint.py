@@ -235,3 +235,19 @@ def test_load_model_with_another_tokenizer_is_a_clear_error(base_dir):
     save_gpt(base_dir, vocab_size=200)  # a bigger tokenizer than the model's vocab
     with pytest.raises(UserError, match="trained with another tokenizer"):
         checkpoint.load_model("base", "cpu")
+
+
+def test_tokenizer_train_keeps_the_tokenizer_checkpoints_use(base_dir):
+    import tokenizer.train
+
+    save_gpt(base_dir)  # a base checkpoint that records its tokenizer's fingerprint
+    (base_dir / "text").mkdir()
+    (base_dir / "text" / "a.txt").write_text(" ".join(f"word{i % 97} thing{i % 13}" for i in range(3000)))
+    flags = ["--data", str(base_dir / "text"), "--vocab-size", "300"]
+    with pytest.raises(UserError, match="checkpoints base/d2 were trained with"):
+        tokenizer.train.main(flags)
+    with pytest.raises(UserError, match="--vocab-size 100,000,000 is more than"):
+        tokenizer.train.main(flags[:3] + ["100000000", "--force"])
+    tokenizer.train.main(flags + ["--force"])
+    with pytest.raises(UserError, match="another tokenizer"):
+        checkpoint.load_model("base", "cpu")
