@@ -116,10 +116,8 @@ def iter_source_documents(args):
         for path in list_data_files(args.data, holdout_last=True):
             yield from iter_file_documents(path, args.doc_cap)
         return
-    try:
-        import dataset
-    except ImportError:
-        raise UserError("no training data: pass --data with parquet or .txt files (or folders of them)")
+    import dataset
+
     source = getattr(args, "source", None) or "stdlib-docs"
     dataset.ensure_source(source)
     for doc in dataset.iter_documents(source, "train"):
