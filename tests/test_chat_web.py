@@ -1,82 +1,55 @@
-"""chat_web.py: a real server (uvicorn in a subprocess, a tiny checkpoint in a tmp base dir)
-answered through the official `openai` client, bad requests, concurrency, and the chat page
-in headless Chromium driven by Selenium (skipped when Chromium is not installed)."""
+"""chat_web.py: the app on a real uvicorn server (a tiny checkpoint in a tmp base dir) answered
+through the official `openai` client, bad requests, the body cap, concurrency with slow fake
+engines, and the chat page in headless Chromium (skipped when Chromium is not installed)."""
 
-import os
 import re
-import sys
 import json
 import time
 import select
 import contextlib
 import shutil
 import socket
-import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 import requests
 
-from test_engine import save_tiny_checkpoint
+import chat_web
+from test_engine import make_tokenizer, save_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS_LIMIT = 64
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def serving(app):
+    """`app` on uvicorn in a thread, on a port the OS picks when it binds; yields the base URL."""
+    import uvicorn
 
-
-def start_server(base, log):
-    """chat_web on a free port; -> (process, url). The port is picked, closed, then bound by the
-    server, so another process can take it in between: then the server exits and we retry."""
-    env = dict(os.environ, SPEEDCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1")
-    for _ in range(5):
-        port = free_port()
-        cmd = [sys.executable, "-m", "chat_web", "--device", "cpu", "--port", str(port), "--max-tokens", "16",
-               "--max-tokens-limit", str(MAX_TOKENS_LIMIT), "--max-messages", "8", "--max-message-chars", "600",
-               "--log-level", "warning", "--decode", "static"]  # static: decoders kept across requests
-        start = log.tell()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while proc.poll() is None and time.time() < deadline:
-            try:
-                # ours only while it is alive: a stranger holding the port would answer too
-                if requests.get(url + "/health", timeout=1).status_code == 200 and proc.poll() is None:
-                    return proc, url
-            except requests.RequestException:  # not listening yet, or a stranger that does not answer
-                pass
-            time.sleep(0.2)
-        proc.kill()
-        proc.wait()
-        log.seek(start)
-        output = log.read()
-        if "address already in use" not in output.lower():
-            pytest.fail(f"chat_web did not start:\n{output}")
-    pytest.fail("chat_web found its port taken 5 times in a row")
-
-
-SERVER = {}  # the running server's process, for memory measurements
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("webbase")
     save_tiny_checkpoint(base, stage="sft")
-    log = open(base / "server.log", "w+")
-    proc, url = start_server(base, log)
-    SERVER["proc"] = proc
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPEEDCHAT_BASE_DIR", str(base))
+        workers, meta = chat_web.load_workers("sft", "cpu")
+    limits = chat_web.Limits(max_messages=8, max_message_chars=600, max_tokens=MAX_TOKENS_LIMIT, default_max_tokens=16)
+    sequence_len = workers[0].engine.model.config.sequence_len
+    app = chat_web.create_app(chat_web.WorkerPool(workers), f"speedchat-sft-{meta['tag']}", sequence_len, limits)
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture
@@ -169,7 +142,7 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server, name, body, raw, 
 def test_chunked_body_is_capped_while_it_streams_in(server):
     """300 chunks of 1 MiB with no Content-Length: answered 413 early, and the server's peak memory
     does not grow by the body (reading it whole first cost ~600 MB)."""
-    status_file = Path(f"/proc/{SERVER['proc'].pid}/status")
+    status_file = Path("/proc/self/status")  # the server runs in this process
     peak = lambda: int(re.search(r"VmHWM:\s+(\d+) kB", status_file.read_text()).group(1)) * 1024
     before = peak()
     chunk = b"%x\r\n" % (1 << 20) + b" " * (1 << 20) + b"\r\n"
@@ -189,7 +162,6 @@ def test_chunked_body_is_capped_while_it_streams_in(server):
 
 
 def test_bad_flags_and_a_taken_port_fail_before_the_model_loads(tmp_path, monkeypatch):
-    import chat_web
     from common import UserError
 
     monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path))  # no checkpoint: the flags are checked first
@@ -256,27 +228,11 @@ class SlowEngine:
 
 @pytest.fixture
 def pool_server():
-    import uvicorn
-
-    import chat_web
-    from test_engine import make_tokenizer
-
-    tok = make_tokenizer()
     SlowEngine.stats.update(active=0, max_active=0, closed=0)
+    tok = make_tokenizer()
     pool = chat_web.WorkerPool([chat_web.Worker(SlowEngine(tok), "cpu") for _ in range(2)])
-    app = chat_web.create_app(pool, "slow", sequence_len=4096, limits=chat_web.Limits(max_tokens=2000))
-    # port 0: the OS picks a free port at bind time (no pick-close-rebind race); read it back
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(chat_web.create_app(pool, "slow", sequence_len=4096, limits=chat_web.Limits(max_tokens=2000))) as url:
+        yield url
 
 
 def test_pool_runs_one_request_per_worker_and_queues_the_rest(pool_server):
