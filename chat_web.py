@@ -27,7 +27,7 @@ import asyncio
 import argparse
 import contextlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -141,19 +141,18 @@ def load_workers(source, device, tag=None, step=None, num_gpus=0, **engine_kw):
 # before anything is used, and is the request body the OpenAPI schema shows.
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-
 def request_model(limits):
     """The chat-completions body this server accepts, with `limits` as its bounds. Fields of
     OpenAI's API that are not listed are accepted and ignored."""
+    Text = Annotated[str, Field(max_length=limits.max_message_chars)]
+
+    class TextPart(BaseModel):
+        type: Literal["text"]
+        text: Text
+
+    class Message(BaseModel):
+        role: Literal["system", "user", "assistant"]
+        content: Text | list[TextPart]
 
     class ChatRequest(BaseModel):
         model_config = ConfigDict(strict=True, extra="allow")
@@ -174,13 +173,11 @@ def request_model(limits):
 
 def parse_request(req, tokenizer, sequence_len, limits):
     """The prompt ids and sampling kwargs of a validated request; APIError for what only the
-    conversation as a whole can show (too long, roles out of order)."""
+    conversation as a whole can show (roles out of order, too long a prompt)."""
     messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                  "".join(p.text for p in m.content)} for m in req.messages]
-    longest = max(len(m["content"]) for m in messages)
-    if longest > limits.max_message_chars or messages[-1]["role"] != "user":
-        raise APIError(f"each message must be at most {limits.max_message_chars} characters (one has {longest}), "
-                       f"and the last one must be the user's", param="messages")
+    if messages[-1]["role"] != "user":
+        raise APIError("the last message must be from the user", param="messages")
     try:
         ids = chat_prompt(tokenizer, messages)
     except ValueError as e:  # roles out of order and the like
