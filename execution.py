@@ -143,26 +143,25 @@ def main():
         guard(os.getcwd())
     module = types.ModuleType("__main__")
     sys.modules["__main__"] = module
+    status = 1
     try:
         exec(compile(source, code_path, "exec"), module.__dict__)
+        status = 0
     except MemoryError:
+        status = MEMORY_EXIT
         sys.stderr.write("MemoryError: the code ran out of memory\n")
-        exit_now(MEMORY_EXIT)
     except SystemExit as e:  # as in HumanEval's harness: code that exits early did not finish
         sys.stderr.write(f"SystemExit({e.code!r}): the code exited before its end\n")
-        exit_now(1)
     except BaseException:
-        del token
         kind, error, tb = sys.exc_info()
         sys.__excepthook__(kind, error.with_traceback(tb.tb_next), tb.tb_next)  # C: no frame access needed
-        sys.stderr.flush()
-        exit_now(1)
-    write(out_fd, token)
+    if status == 0:
+        write(out_fd, token)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
-        exit_now(0)
+        exit_now(status)
 
 
 main()

@@ -51,6 +51,8 @@ def test_runs_code_captures_output_and_fails_on_exceptions():
     r = run_python("def f():\n    return 1 / 0\nf()")
     assert not r.ok and not r.timed_out
     assert "ZeroDivisionError" in r.stderr and "return 1 / 0" in r.stderr
+    r = run_python("print('half', flush=False)\nimport sys\nsys.exit(0)")  # output kept, but not a pass
+    assert not r.ok and r.stdout == "half\n" and "SystemExit" in r.stderr
     r = run_python("input()")  # stdin is empty
     assert not r.ok and "EOFError" in r.stderr
     r = run_python("import os\nos.mkdir('d')\nopen('d/a.txt', 'w').write('data')\nprint(open('d/a.txt').read())")
