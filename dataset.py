@@ -135,13 +135,8 @@ def split_row_groups(source: str, split: str = "train", rank: int = 0, world_siz
     """This rank's share of a split, in reading order, as units (shard_path, row_group, first, step):
     the unit's documents are rows first::step of that row group. Row group i of the split goes to
     rank i % world_size; a split with fewer row groups than ranks is shared document by document."""
-    if split not in ("train", "val"):
-        raise UserError(f"split must be 'train' or 'val', not {split!r}")
-    if not 0 <= rank < world_size:
-        raise UserError(f"rank {rank} is outside world size {world_size}")
-    shards = list_shards(source)
-    if len(shards) < 2:
-        raise UserError(f"source {source} has {len(shards)} shard(s): it needs 2 or more (the last is validation)")
+    assert split in ("train", "val") and 0 <= rank < world_size, (split, rank, world_size)
+    shards = list_shards(source)  # 2 or more: ensure_source sees to it
     shards = shards[:-1] if split == "train" else shards[-1:]
     groups = [(path, rg, n) for path in shards for rg, n in enumerate(row_counts(path)) if n > 0]
     if len(groups) >= world_size:
@@ -476,87 +471,114 @@ def build_from_dir(folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------
-# fineweb-edu: parallel, resumable, verified download
+# Downloads: the one retry path of every file the project fetches (shards, task data, the CORE
+# bundle) and of the small requests around them (file lists)
 
 _stop = threading.Event()  # set on Ctrl-C so the download threads stop between chunks
+UNREACHABLE = ("DNS lookup failed", "connection refused", "network unreachable", "no route to host",
+               "connect timed out")
 
 
 class DownloadError(Exception):
-    """A file that could not be downloaded correctly: `attempts` tries failed (None: a permanent
-    HTTP error, not retried) for `reason`."""
+    """A download that failed for `reason` (a few words) after `attempts` tries."""
 
-    def __init__(self, message, reason=None, attempts=None):
+    def __init__(self, message, reason=None, attempts=1):
         super().__init__(message)
         self.reason, self.attempts = reason or message, attempts
 
 
-class _Transient(Exception):
-    """Try again, resuming the partial file."""
+class _Retry(Exception):
+    """Worth another attempt, which resumes the partial file."""
 
 
-class _Corrupt(Exception):
-    """Try again from zero: the partial file cannot be trusted."""
-
-
-def fineweb_url(url: str | None = None) -> str:
-    return (url or os.environ.get("SPEEDCHAT_FINEWEB_URL") or FINEWEB_URL).rstrip("/")
+class _Restart(_Retry):
+    """Worth another attempt from zero: the partial file cannot be trusted."""
 
 
 def network_reason(e: Exception) -> str:
     """A few words for why a request failed (the exception's own text is a page long)."""
+    import requests
+
     text = str(e)
     for needle, reason in (("Name or service not known", "DNS lookup failed"), ("Failed to resolve", "DNS lookup failed"),
-                           ("Connection refused", "connection refused"), ("Network is unreachable", "network unreachable"),
-                           ("No route to host", "no route to host")):
+                           ("NameResolution", "DNS lookup failed"), ("Connection refused", "connection refused"),
+                           ("Network is unreachable", "network unreachable"), ("No route to host", "no route to host")):
         if needle in text:
             return reason
+    if isinstance(e, requests.ConnectTimeout):
+        return "connect timed out"
     return "timed out" if "timed out" in text.lower() else type(e).__name__
 
 
-def probe(url: str, timeout: float = 5.0):
-    """Fail fast, in one line, when the server cannot be reached at all."""
+def _retrying(attempt, url, retries, backoff, fail_fast):
+    """attempt() until it returns. Dropped or timed-out connections, HTTP 429/5xx and bad bytes are
+    retried with exponential backoff (cut short by Ctrl-C); other HTTP errors fail at once, and so
+    does an unreachable host when `fail_fast` (the first request of a job: we are offline)."""
     import requests
 
-    host = urlparse(url).netloc or url
-    try:
-        r = requests.head(url, timeout=(timeout, timeout), allow_redirects=True)
-    except requests.RequestException as e:
-        raise UserError(f"cannot reach {host} ({network_reason(e)}); offline? {OFFLINE_HINT}")
-    if r.status_code in (401, 403, 404, 410):
-        raise UserError(f"{url} answered HTTP {r.status_code}: check --url / SPEEDCHAT_FINEWEB_URL")
+    for i in range(retries + 1):
+        if i:
+            _stop.wait(min(backoff * 2 ** (i - 1), 60.0))
+        if _stop.is_set():
+            raise DownloadError(f"{url}: interrupted", "interrupted", i)
+        try:
+            return attempt()
+        except requests.RequestException as e:
+            reason = network_reason(e)
+            if fail_fast and reason in UNREACHABLE:
+                raise DownloadError(f"cannot reach {urlparse(url).netloc} ({reason})", reason)
+        except _Retry as e:
+            reason = str(e)
+    raise DownloadError(f"{Path(urlparse(url).path).name}: {reason} (after {retries + 1} attempts)", reason, retries + 1)
 
 
-def _content_range(header: str | None):
-    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", (header or "").strip())
-    if not m:
-        raise _Corrupt(f"bad Content-Range {header!r}")
-    return int(m.group(1)), int(m.group(3))
+def _check_status(r, url):
+    if r.status_code == 429 or r.status_code >= 500:
+        raise _Retry(f"HTTP {r.status_code}")
+    if r.status_code >= 400:
+        raise DownloadError(f"HTTP {r.status_code} for {url}", f"HTTP {r.status_code}")
+
+
+def request(url, method="GET", retries=5, backoff=2.0, timeout=60.0, headers=None):
+    """A small request (a file list, a probe) with the retry rules above; an unreachable host fails at once."""
+    import requests
+
+    def attempt():
+        r = requests.request(method, url, headers=headers, timeout=(10, timeout), allow_redirects=True)
+        _check_status(r, url)
+        return r
+
+    return _retrying(attempt, url, retries, backoff, fail_fast=True)
+
+
+def _published_sha256(response):
+    """The sha256 the server publishes for the file, if any: the Hugging Face Hub sends the LFS
+    object id (the content's sha256) as X-Linked-Etag on its redirect to the storage."""
+    for r in (*response.history, response):
+        tag = r.headers.get("X-Linked-Etag", "").removeprefix("W/").strip('"')
+        if re.fullmatch(r"[0-9a-f]{64}", tag):
+            return tag
+    return None
 
 
 def _fetch(url: str, part: Path, timeout: float, headers: dict | None = None):
-    """One attempt: append to `part` from where it stops (HTTP Range), check the size."""
+    """One attempt: append to `part` from where it stops (HTTP Range), then check the complete file
+    against the size the server reports and the sha256 it publishes."""
     import requests
 
     have = part.stat().st_size if part.exists() else 0
-    headers = {**(headers or {}), "Accept-Encoding": "identity"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
+    headers = {**(headers or {}), "Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     with requests.get(url, headers=headers, stream=True, timeout=(10, timeout)) as r:
         if r.status_code == 416:
-            raise _Corrupt("the server refused to resume (HTTP 416)")
-        if r.status_code == 429 or r.status_code >= 500:
-            raise _Transient(f"HTTP {r.status_code}")
-        if r.status_code >= 400:
-            raise DownloadError(f"HTTP {r.status_code} for {url}")
+            raise _Restart("the server refused to resume (HTTP 416)")
+        _check_status(r, url)
+        sha256, total = _published_sha256(r), r.headers.get("Content-Length")
         if r.status_code == 206:
-            start, total = _content_range(r.headers.get("Content-Range"))
-            if start != have:
-                raise _Corrupt(f"the server resumed at byte {start}, not {have}")
-            mode = "ab"
-        else:  # 200: the whole file (first attempt, or a server that ignores Range)
-            total = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-            mode = "wb"
-        with open(part, mode) as f:
+            m = re.fullmatch(r"bytes (\d+)-\d+/(\d+)", r.headers.get("Content-Range", "").strip())
+            if not m or int(m.group(1)) != have:
+                raise _Restart(f"the server resumed with Content-Range {r.headers.get('Content-Range')!r}, not at {have}")
+            total = m.group(2)
+        with open(part, "ab" if r.status_code == 206 else "wb") as f:  # 200: the whole file, from zero
             for chunk in r.iter_content(chunk_size=1 << 16):  # small: a dropped connection loses < 64 KB
                 if _stop.is_set():
                     raise DownloadError("interrupted")
@@ -564,65 +586,59 @@ def _fetch(url: str, part: Path, timeout: float, headers: dict | None = None):
             f.flush()
             os.fsync(f.fileno())
     size = part.stat().st_size
-    if total is not None and size < total:
-        raise _Transient(f"connection dropped at {size} of {total} bytes")
-    if total is not None and size > total:
-        raise _Corrupt(f"got {size} bytes, the server says {total}")
+    if total is not None and size != int(total):
+        raise (_Retry if size < int(total) else _Restart)(f"got {size} of {total} bytes")
+    if sha256 is not None and _sha256(part) != sha256:
+        raise _Restart("the content does not match the sha256 the server publishes")
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def download_file(url: str, path: Path, retries: int = 5, backoff: float = 2.0, timeout: float = 60.0,
                   validate=check_parquet, headers: dict | None = None) -> Path:
-    """Download `url` to `path`: resume a partial `path.part`, retry with exponential backoff,
-    verify the size and `validate(file)` (a parquet shard by default; it raises ParquetError on a
-    bad file, None skips it), then rename into place. Never leaves a bad `path`. Every download of
-    the project goes through here: shards, task datasets, the CORE bundle."""
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another download of the same file (a second run) waits here
-        if _is_valid(path, validate):
-            return path
-        return _download_locked(url, path, retries, backoff, timeout, validate, headers)
-
-
-def _is_valid(path, validate) -> bool:
-    if not path.exists():
-        return False
-    try:
-        if validate is not None:
-            validate(path)
-        return True
-    except (OSError, ParquetError):
-        return False
-
-
-def _download_locked(url, path, retries, backoff, timeout, validate, headers):
-    import requests
-
+    """Download `url` to `path`: resume a partial `path.part`, retry (see _retrying), verify the size,
+    the published sha256 and `validate(file)` (a parquet shard by default; None skips it) -- bytes
+    that fail a check are thrown away and fetched again from zero -- then rename into place. Never
+    leaves a bad `path`; another process downloading the same file waits for this one."""
     part = path.with_name(path.name + ".part")
-    error = None
-    for attempt in range(retries + 1):
-        if attempt:
-            _stop.wait(min(backoff * 2 ** (attempt - 1), 60.0))  # exponential backoff, cut short by Ctrl-C
-        if _stop.is_set():
-            raise DownloadError("interrupted")
+
+    def attempt():
         try:
             _fetch(url, part, timeout, headers)
             if validate is not None:
                 validate(part)
-        except (_Corrupt, ParquetError) as e:
-            part.unlink(missing_ok=True)  # untrusted bytes: start over next time
-            error = e
-            continue
-        except (_Transient, requests.RequestException) as e:
-            error = e  # keep the partial file: the next attempt resumes it
-            continue
+        except (_Restart, ParquetError) as e:
+            part.unlink(missing_ok=True)
+            raise _Retry(str(e))
         os.replace(part, path)
         return path
-    reason = network_reason(error) if isinstance(error, requests.RequestException) else str(error)
-    raise DownloadError(f"{path.name}: {reason} (after {retries + 1} attempts)", reason, retries + 1)
+
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return path if _is_valid(path, validate) else _retrying(attempt, url, retries, backoff, fail_fast=False)
+
+
+def _is_valid(path, validate) -> bool:
+    try:
+        if validate is not None:
+            validate(path)  # raises on a missing or bad file
+        return path.exists()
+    except (OSError, ParquetError):
+        return False
 
 
 def is_complete_shard(path: Path) -> bool:
     return _is_valid(path, check_parquet)
+
+
+def fineweb_url(url: str | None = None) -> str:
+    return (url or os.environ.get("SPEEDCHAT_FINEWEB_URL") or FINEWEB_URL).rstrip("/")
 
 
 def download_fineweb(num_shards: int, workers: int = 8, url: str | None = None, retries: int = 5,
@@ -639,7 +655,10 @@ def download_fineweb(num_shards: int, workers: int = 8, url: str | None = None, 
         print0(f"all {len(indices)} shards already in {folder}")
         return folder
     base = fineweb_url(url)
-    probe(f"{base}/{shard_name(todo[0])}")
+    try:  # fail fast, in one line, when the server cannot be reached at all or refuses the first file
+        request(f"{base}/{shard_name(todo[0])}", "HEAD", retries=0, timeout=5.0)
+    except DownloadError as e:
+        raise UserError(f"{e}: {OFFLINE_HINT if e.reason in UNREACHABLE else 'check --url / SPEEDCHAT_FINEWEB_URL'}")
     print0(f"downloading {len(todo)} of {len(indices)} shards from {base} to {folder} ({workers} workers)")
     failed = []
     _stop.clear()
@@ -667,10 +686,16 @@ def download_fineweb(num_shards: int, workers: int = 8, url: str | None = None, 
 # CLI
 
 
+def _num_shards(text):
+    if int(text) < -1:  # -1 means all: a typo like -5 must not download 1822 shards
+        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for all, got {text}")
+    return int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Download or build pretraining shards.")
     parser.add_argument("--source", default="fineweb-edu", help=f"data source: {SOURCES_HELP} (default fineweb-edu)")
-    parser.add_argument("-n", "--num-shards", type=int, default=8,
+    parser.add_argument("-n", "--num-shards", type=_num_shards, default=8,
                         help="fineweb-edu: download the first N train shards plus the last (validation); "
                              "-1 = all 1822; a d20 run uses 240 (default: %(default)s)")
     parser.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads (default: %(default)s)")
@@ -681,8 +706,6 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds without data before a retry (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.num_shards < -1:  # would otherwise download all 1822 like -1
-        raise UserError(f"-n/--num-shards must be >= 0, or -1 for all, got {args.num_shards}")
     if args.source == "fineweb-edu":
         folder = download_fineweb(args.num_shards, args.workers, args.url, args.retries, timeout=args.timeout)
     else:

@@ -18,6 +18,28 @@ cd "$(dirname "$0")"
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
+# --- process handling: torchrun starts its workers in sessions of their own, so neither Ctrl-C nor a
+# kill of this script's process group reaches them. Every process of this run carries SPEEDRUN_ID in
+# its environment; on exit, on a signal, and (through a watcher in a session of its own) when this
+# script is killed outright, every process that carries it is killed.
+export SPEEDRUN_ID="$$-$(date +%s%N)"
+kill_run() {
+    local environ pid
+    for environ in /proc/[0-9]*/environ; do
+        pid=${environ#/proc/}; pid=${pid%/environ}
+        if [ "$pid" != "$$" ] && grep -qsxzF "SPEEDRUN_ID=$1" "$environ"; then kill -KILL "$pid" 2>/dev/null; fi
+    done
+}
+if [ -d /proc/self ]; then
+    trap 'kill_run "$SPEEDRUN_ID"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM HUP
+    if command -v setsid >/dev/null 2>&1; then
+        env -u SPEEDRUN_ID setsid bash -c "while kill -0 $$ 2>/dev/null; do sleep 2; done; $(declare -f kill_run); kill_run $SPEEDRUN_ID" \
+            </dev/null >/dev/null 2>&1 &
+    fi
+fi
+
 # --- environment: Rust (installed when missing and the network allows), uv, .venv, rustbpe
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ] && command -v curl >/dev/null 2>&1; then
     echo "Rust is missing: installing it with rustup"
@@ -52,7 +74,8 @@ stage() {
     if [ -f "$DONE/$name" ]; then echo "== $name: done in an earlier run, skipped"; return 0; fi
     echo "== $name"
     local t0=$SECONDS
-    "$@"
+    "$@" &  # waited for in the background, so that a signal reaches our traps at once
+    wait $!
     touch "$DONE/$name"
     echo "== $name: $((SECONDS - t0))s"
 }

@@ -15,15 +15,13 @@ import gzip
 import json
 import os
 import re
-import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
-import requests
 
 from common import UserError, atomic_write, get_base_dir, print0
-from dataset import DownloadError, check_parquet, download_file, network_reason
+from dataset import DownloadError, check_parquet, download_file, request
 
 # ---------------------------------------------------------------------------
 # Task base
@@ -296,7 +294,7 @@ def load_rows(repo, config, split, path, what, path_flag, local_format):
 # lists the parquet URLs of one split; each is fetched once (retries, resume, atomic rename).
 
 HF_URL = "https://huggingface.co"
-TIMEOUT = (5, 60)        # (connect, read) seconds: offline fails within the connect timeout
+TIMEOUT = 60.0           # seconds without data before a retry
 RETRIES = 5
 RETRY_BACKOFF = 2.0      # seconds, doubled each retry; tests set it to 0
 
@@ -344,46 +342,26 @@ def _fail(what, problem, hint):
 
 
 def _fetch_file_list(url, what, hint):
-    for attempt in range(RETRIES):
-        try:
-            r = requests.get(url, timeout=TIMEOUT, headers=_headers())
-        except requests.ConnectionError as e:
-            if isinstance(e, requests.ConnectTimeout) or attempt == RETRIES - 1 or not _transient(e):
-                # no route / no DNS / refused: we are offline, say so at once
-                _fail(what, f"cannot reach {url.split('/api/')[0]} ({network_reason(e)})", hint)
-        except requests.Timeout as e:
-            if attempt == RETRIES - 1:
-                _fail(what, f"{url} timed out ({network_reason(e)})", hint)
-        else:
-            if r.status_code == 200:
-                try:
-                    urls = r.json()
-                except ValueError:
-                    urls = None
-                if isinstance(urls, dict) and isinstance(urls.get("parquet_files"), list):
-                    urls = [f.get("url") for f in urls["parquet_files"]]  # datasets-server's shape
-                if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
-                    _fail(what, f"{url} did not return a list of parquet URLs", hint)
-                return urls
-            if r.status_code < 500 and r.status_code != 429 or attempt == RETRIES - 1:
-                _fail(what, f"{url} answered HTTP {r.status_code}", hint)
-        time.sleep(RETRY_BACKOFF * 2 ** attempt)
-
-
-def _transient(e):
-    """A dropped connection is worth retrying; a failed DNS lookup or a refusal is not."""
-    text = str(e)
-    return not any(s in text for s in ("NameResolution", "Name or service not known", "Connection refused",
-                                       "Failed to resolve", "Network is unreachable", "No route to host"))
+    """The parquet URLs the Hub lists for a split (dataset.request: offline fails at once)."""
+    try:
+        urls = request(url, retries=RETRIES - 1, backoff=RETRY_BACKOFF, timeout=TIMEOUT, headers=_headers()).json()
+    except DownloadError as e:
+        _fail(what, e, hint)
+    except ValueError:
+        urls = None
+    if isinstance(urls, dict) and isinstance(urls.get("parquet_files"), list):
+        urls = [f.get("url") for f in urls["parquet_files"]]  # datasets-server's shape
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        _fail(what, f"{url} did not return a list of parquet URLs", hint)
+    return urls
 
 
 def _download(url, target: Path, what, hint):
     """One parquet file of a split, through dataset.download_file: resumed after a dropped
-    transfer, retried, size-checked, read back as parquet, renamed into place."""
+    transfer, retried, checked (size, published sha256, parquet), renamed into place."""
     try:
-        download_file(url, target, retries=RETRIES - 1, backoff=RETRY_BACKOFF, timeout=TIMEOUT[1],
+        download_file(url, target, retries=RETRIES - 1, backoff=RETRY_BACKOFF, timeout=TIMEOUT,
                       validate=functools.partial(check_parquet, column=None), headers=_headers())
     except DownloadError as e:
-        if e.attempts is None:  # a permanent error (HTTP 4xx), not retried
-            _fail(what, f"downloading {url}: {e.reason}", hint)
-        _fail(what, f"downloading {url} failed after {e.attempts} tries ({e.reason})", hint)
+        _fail(what, f"downloading {url} failed after {e.attempts} tries ({e.reason})" if e.attempts > 1
+              else f"downloading {url}: {e.reason}", hint)

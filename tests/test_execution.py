@@ -1,8 +1,11 @@
-"""The sandbox in execution.py: results, limits, guards, cleanup, and real HumanEval rows."""
+"""The sandbox in execution.py: results, limits, cleanup, attacks on each layer alone and on both,
+and real HumanEval rows."""
 
 import json
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,9 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from execution import OUTPUT_LIMIT, ExecResult, run_python
+import execution
+from execution import OUTPUT_LIMIT, run_python
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(params=["both", "kernel", "python"])
+def layers(request, monkeypatch):
+    """Both layers (the default), the kernel's alone (bwrap, no Python guard), Python's alone (no bwrap)."""
+    if request.param != "python" and not execution.bwrap_works():
+        pytest.skip("bubblewrap cannot run here (apt-get install bubblewrap)")
+    if request.param == "kernel":
+        monkeypatch.setattr(execution, "PYTHON_GUARD", False)
+    if request.param == "python":
+        monkeypatch.setattr(execution, "bwrap_works", lambda: False)
+    return request.param
 
 
 def processes_mentioning(text):
@@ -28,63 +44,90 @@ def processes_mentioning(text):
     return found
 
 
-def test_runs_code_and_captures_output():
+def test_runs_code_captures_output_and_fails_on_exceptions():
     r = run_python("import sys\nprint('hello', 6 * 7)\nprint('warn', file=sys.stderr)")
-    assert isinstance(r, ExecResult)
     assert r.ok and r.stdout == "hello 42\n" and r.stderr == "warn\n"
     assert not r.timed_out and not r.memory_exceeded
-
-
-def test_exception_is_a_failure_with_traceback():
     r = run_python("def f():\n    return 1 / 0\nf()")
     assert not r.ok and not r.timed_out
     assert "ZeroDivisionError" in r.stderr and "return 1 / 0" in r.stderr
+    r = run_python("print('half', flush=False)\nimport sys\nsys.exit(0)")  # output kept, but not a pass
+    assert not r.ok and r.stdout == "half\n" and "SystemExit" in r.stderr
+    r = run_python("input()")  # stdin is empty
+    assert not r.ok and "EOFError" in r.stderr
+    r = run_python("import os\nos.mkdir('d')\nopen('d/a.txt', 'w').write('data')\nprint(open('d/a.txt').read())")
+    assert r.ok and r.stdout == "data\n", r.stderr
 
 
-def test_early_exit_is_not_a_pass():
-    # a program that leaves before its asserts must not count as passing (as in HumanEval)
-    r = run_python("import sys\nsys.exit(0)\nassert False")
-    assert not r.ok and "SystemExit" in r.stderr
-    r = run_python("import os\nos._exit(0)")
+@pytest.mark.parametrize("exit_early", [
+    "import sys\nsys.exit(0)",
+    "import os\nos._exit(0)",
+    "import __main__\n__main__.real_exit(0)",
+    "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+])
+def test_leaving_early_is_never_a_pass(layers, exit_early):
+    r = run_python(exit_early + "\nassert False, 'the tests after the exit'")
     assert not r.ok
 
 
-def test_stdin_is_empty():
-    r = run_python("input()")
-    assert not r.ok and "EOFError" in r.stderr
+def test_the_token_is_out_of_reach_of_the_code():
+    # with the Python layer on, code that hunts for the harness's token finds nothing to forge a pass with
+    hunt = """
+import gc, os, sys
+def traceback_locals():
+    try:
+        1 / 0
+    except ZeroDivisionError as e:
+        return e.__traceback__.tb_frame.f_back.f_locals
+found = set()
+for attempt in (lambda: sys._getframe(1).f_locals, lambda: sys._getframe().f_back.f_locals,
+                lambda: [o for o in gc.get_objects() if isinstance(o, bytes)],
+                lambda: traceback_locals(),
+                lambda: open('/proc/self/mem', 'rb').read(1), lambda: __import__('ctypes')):
+    try:
+        found.add(repr(attempt()))
+    except BaseException as e:
+        print(type(e).__name__, flush=True)
+for fd in range(3, 30):
+    for guess in found:
+        try:
+            os.write(fd, guess.encode())
+        except OSError:
+            pass
+os._exit(0)
+"""
+    r = run_python(hunt)
+    assert not r.ok and r.stdout.split() == ["ValueError", "ValueError", "PermissionError", "PermissionError",
+                                             "PermissionError", "ImportError"], r.stdout + r.stderr
 
 
-def test_infinite_loop_times_out():
+def test_timeouts_kill_everything_and_leave_nothing_behind(layers):
     t0 = time.monotonic()
-    r = run_python("while True:\n    pass", timeout=1.0)
+    # the child must start and print its cwd before the kill, even on a busy machine
+    r = run_python("import os, time\nprint(os.getcwd(), flush=True)\nwhile True:\n    time.sleep(0.01)", timeout=1.5)
     assert r.timed_out and not r.ok
-    assert time.monotonic() - t0 < 15  # killed at the timeout, with room for a busy machine
-
-
-def test_sleeping_code_times_out_and_leaves_nothing_behind():
-    t0 = time.monotonic()
-    # timeout 2: the child must start and print its cwd before the kill, even on a busy machine
-    r = run_python("import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(60)", timeout=2)
-    assert r.timed_out and not r.ok
-    assert time.monotonic() - t0 < 20  # far from the 60 s sleep
+    assert time.monotonic() - t0 < 20
     workdir = r.stdout.strip()
-    assert "speedchat-exec-" in workdir
-    assert not Path(workdir).exists(), "the temporary directory must be removed"
-    assert processes_mentioning(workdir) == []
+    assert "speedchat-exec-" in workdir and not Path(workdir).exists()
+    assert processes_mentioning(Path(workdir).name) == []
 
 
 @pytest.mark.parametrize("code", [
-    "x = bytearray(4 << 30)",
-    "chunks = []\nwhile True:\n    chunks.append(b' ' * (1 << 20))",
+    "while True:\n    os.fork()",
+    "import multiprocessing\nps = [multiprocessing.Process(target=print) for _ in range(50)]\nfor p in ps: p.start()",
+    "import subprocess\nsubprocess.Popen(['sleep', '60'])",
+    "assert os.system('sleep 60 &') == 0",
+    "import ctypes\nassert ctypes.CDLL(None).fork() != -1",
 ])
-def test_memory_bomb_is_stopped(code):
-    t0 = time.monotonic()
-    r = run_python(code, timeout=10, memory_mb=128)
+def test_no_new_processes(layers, code):
+    r = run_python("import os\nprint(os.getcwd(), flush=True)\n" + code, timeout=5)
+    assert not r.ok and not r.timed_out and "Error" in r.stderr, r.stderr
+    assert processes_mentioning(Path(r.stdout.split()[0]).name) == []
+
+
+def test_memory_bomb_is_stopped_and_normal_use_is_fine():
+    r = run_python("chunks = []\nwhile True:\n    chunks.append(b' ' * (1 << 20))", timeout=10, memory_mb=128)
     assert r.memory_exceeded and not r.ok and not r.timed_out
-    assert time.monotonic() - t0 < 10
-
-
-def test_normal_memory_use_is_fine():
     r = run_python("x = bytearray(32 << 20)\nprint(len(x))", memory_mb=256)
     assert r.ok and r.stdout.strip() == str(32 << 20)
 
@@ -98,43 +141,80 @@ def test_huge_output_is_truncated_without_deadlock():
     assert time.monotonic() - t0 < 10
 
 
-def test_writes_inside_the_temporary_directory_work():
-    r = run_python("import os\nos.mkdir('d')\nwith open('d/a.txt', 'w') as f:\n    f.write('data')\n"
-                   "print(open('d/a.txt').read(), os.getcwd())")
-    assert r.ok, r.stderr
-    text, workdir = r.stdout.split()
-    assert text == "data" and not Path(workdir).exists()
+def test_attacks_on_the_host_are_contained(layers, tmp_path):
+    """The bypasses that once escaped (the guard switched off through __main__, then a file deleted
+    outside, /bin/sh, ctypes, a host unix socket, TCP to the host, a host process killed, a file written
+    outside), plus sqlite3 outside, the host's /proc, and a fake pass: each layer stops all of them."""
+    sentinel, sentinel2 = tmp_path / "keep.txt", tmp_path / "keep2.txt"
+    sentinel.write_text("keep me")
+    sentinel2.write_text("keep me")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "host.sock"))
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    for s in (unix, tcp):
+        s.listen(1)
+        s.settimeout(0.2)
+    marker = "speedchat-host-marker"
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    attacks = {
+        "guard_off": "import __main__ as M; M.root = ''; M.NEVER.clear(); M.BLOCKED_IMPORTS.clear()",
+        "delete": f"os.remove({str(sentinel)!r})",
+        "shell": f"subprocess.run(['/bin/sh', '-c', 'echo x > {tmp_path}/shell.txt'])",
+        "ctypes": f"import ctypes; ctypes.CDLL(None).unlink({str(sentinel2).encode()!r})",
+        "unix_socket": f"s = socket.socket(socket.AF_UNIX); s.connect({str(tmp_path / 'host.sock')!r})",
+        "tcp": f"socket.create_connection(('127.0.0.1', {tcp.getsockname()[1]}), timeout=1)",
+        "kill": f"os.kill({victim.pid}, signal.SIGKILL)",
+        "write": f"open({str(tmp_path / 'new.txt')!r}, 'w').write('x')",
+        "sqlite": f"sqlite3.connect({str(tmp_path / 'db.sqlite')!r}).execute('create table t (x)')",
+        "proc": "print([open(f'/proc/{p}/cmdline').read() for p in os.listdir('/proc') if p.isdigit()])",
+    }
+    code = "import os, signal, socket, sqlite3, subprocess\n"
+    for name, attack in attacks.items():
+        code += textwrap.dedent(f"""
+            try:
+                {attack}
+            except BaseException as e:
+                print('{name}: refused', type(e).__name__)
+        """)
+    r = run_python(code + "os._exit(0)\n", timeout=10)
+    try:
+        assert not r.ok  # it exited with status 0, before any end the harness would accept
+        assert sentinel.read_text() == sentinel2.read_text() == "keep me"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["host.sock", "keep.txt", "keep2.txt"]
+        for s in (unix, tcp):
+            with pytest.raises(socket.timeout):
+                s.accept()
+        assert victim.poll() is None
+        assert marker not in r.stdout
+    finally:
+        victim.kill()
+        unix.close()
+        tcp.close()
 
 
-def test_cannot_touch_files_outside_the_temporary_directory(tmp_path):
+def test_cannot_touch_files_outside_the_working_folder(layers, tmp_path):
     box = tmp_path / "box"
     box.mkdir()
     sentinel = box / "sentinel.txt"
     sentinel.write_text("keep me")
     attempts = {
-        "open_w": "open(S, 'w').write('gone')",
         "open_a": "open(S, 'a').write('more')",
         "os_open": "os.write(os.open(S, os.O_WRONLY | os.O_TRUNC), b'x')",
-        "remove": "os.remove(S)",
-        "unlink": "os.unlink(S)",
         "path_unlink": "pathlib.Path(S).unlink()",
-        "posix_unlink": "import posix; posix.unlink(S)",
         "rmtree": "shutil.rmtree(D)",
-        "rename": "os.rename(S, S + '.moved')",
         "replace": "os.replace(S, S + '.moved')",
-        "move": "shutil.move(S, S + '.moved')",
         "truncate": "os.truncate(S, 0)",
         "chmod": "os.chmod(S, 0)",
         "copy_over": "open('mine.txt', 'w').write('x'); shutil.copyfile('mine.txt', S)",
-        "new_file": "open(os.path.join(D, 'new.txt'), 'w').write('x')",
         "mkdir": "os.mkdir(os.path.join(D, 'newdir'))",
         "symlink": "os.symlink('/etc/passwd', os.path.join(D, 'link'))",
         "relative": "os.chdir(D); open('sentinel.txt', 'w').write('gone')",
         "dir_fd": "os.write(os.open('sentinel.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=os.open(D, os.O_RDONLY)), b'x')",
         "opener": "open('sentinel.txt', 'w', opener=lambda p, f: os.open(p, f, dir_fd=os.open(D, os.O_RDONLY)))",
         "fchmod": "os.fchmod(os.open(S, os.O_RDONLY), 0)",
-        "chmod_fd": "os.chmod(os.open(S, os.O_RDONLY), 0)",
         "walk_up": "open(os.path.join(os.getcwd(), '..', '..', S.lstrip('/')), 'w')",
+        "read_host": "open('/etc/hostname').read()",
     }
     code = "import os, pathlib, shutil\nS, D = {!r}, {!r}\nhome = os.getcwd()\n".format(str(sentinel), str(box))
     for name, attempt in attempts.items():
@@ -150,100 +230,42 @@ def test_cannot_touch_files_outside_the_temporary_directory(tmp_path):
     assert r.ok, r.stderr
     assert "ALLOWED" not in r.stdout, r.stdout
     assert r.stdout.count("BLOCKED") == len(attempts)
-    assert sentinel.read_text() == "keep me"
-    assert sorted(p.name for p in box.iterdir()) == ["sentinel.txt"]
+    assert sentinel.read_text() == "keep me" and sorted(p.name for p in box.iterdir()) == ["sentinel.txt"]
 
 
-@pytest.mark.parametrize("code", [
-    "while True:\n    os.fork()",
-    "import multiprocessing\nps = [multiprocessing.Process(target=print) for _ in range(50)]\nfor p in ps: p.start()",
-    "import subprocess\nsubprocess.Popen(['sleep', '60'])",
-    "os.system('sleep 60 &')",
-    "os.posix_spawn('/bin/sleep', ['sleep', '60'], {})",
-    "import pty\npty.fork()",
-    "import ctypes\nctypes.CDLL(None).fork()",
-    "import sys\ndel sys.modules['_posixsubprocess']\nimport _posixsubprocess",
-    "import subprocess\nsubprocess._fork_exec()",
-])
-def test_no_new_processes(code):
-    r = run_python("import os\nprint(os.getcwd(), flush=True)\n" + code, timeout=5)
-    assert not r.ok and not r.timed_out
-    assert "Error" in r.stderr
-    workdir = r.stdout.split()[0]
-    assert processes_mentioning(workdir) == []
-
-
-def test_cannot_signal_other_processes():
-    r = run_python(f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)")
-    assert not r.ok and "PermissionError" in r.stderr  # and we are still alive to check
-
-
-def test_no_network():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    server.settimeout(0.5)
-    port = server.getsockname()[1]
-    try:
-        r = run_python(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'hi')")
-        assert not r.ok
-        with pytest.raises(socket.timeout):
-            server.accept()
-        r = run_python("import urllib.request\nurllib.request.urlopen('http://127.0.0.1:%d', timeout=1)" % port)
-        assert not r.ok
-    finally:
-        server.close()
-
-
-def test_environment_is_scrubbed(monkeypatch):
+def test_environment_is_scrubbed_and_common_modules_import(monkeypatch):
     monkeypatch.setenv("SPEEDCHAT_TEST_SECRET", "hunter2")
-    r = run_python("import os\nprint(dict(os.environ))")
-    assert r.ok and "hunter2" not in r.stdout and "SPEEDCHAT_TEST_SECRET" not in r.stdout
-
-
-def test_common_modules_still_import():
     r = run_python("import math, re, collections, itertools, functools, heapq, hashlib, string, typing, json\n"
-                   "import numpy\nprint(hashlib.md5(b'a').hexdigest(), math.gcd(12, 18))", timeout=20)
+                   "import numpy, os\nfrom collections import namedtuple\nP = namedtuple('P', 'x')\n"
+                   "print(hashlib.md5(b'a').hexdigest(), math.gcd(12, 18), dict(os.environ))", timeout=20)
     assert r.ok, r.stderr
-    assert r.stdout.split() == ["0cc175b9c0f1b6a831c399e269772661", "6"]
-
-
-def humaneval_rows():
-    path = DATA / "humaneval" / "HumanEval_first40.jsonl"
-    if not path.exists():
-        pytest.skip(f"real HumanEval rows not found at {path} (../shared/data)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert r.stdout.split()[:2] == ["0cc175b9c0f1b6a831c399e269772661", "6"]
+    assert "hunter2" not in r.stdout and "SPEEDCHAT_TEST_SECRET" not in r.stdout
 
 
 def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
-    rows = humaneval_rows()
-
-    def program(row, body):
-        return f"{row['prompt']}{body}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
+    path = DATA / "humaneval" / "HumanEval_first40.jsonl"
+    if not path.exists():
+        pytest.skip(f"real HumanEval rows not found at {path} (../shared/data)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def run(row):
-        good = run_python(program(row, row["canonical_solution"]), timeout=5)
-        broken = run_python(program(row, "    return None\n"), timeout=5)
-        return row["task_id"], good, broken
+        program = lambda body: f"{row['prompt']}{body}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
+        return row["task_id"], run_python(program(row["canonical_solution"])), run_python(program("    return None\n"))
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(run, rows))
-    assert len(results) == len(rows) >= 40
+    assert len(results) >= 40
     for task_id, good, broken in results:
         assert good.ok, f"{task_id}: canonical solution failed: {good.stderr[-500:]}"
         assert not broken.ok, f"{task_id}: a broken solution passed"
 
 
-def test_guards_hold_without_namespaces(monkeypatch, tmp_path):
-    # machines where `unshare` is missing or refused rely on the in-process guards alone
-    import execution
-    monkeypatch.setattr(execution, "_unshare_prefix", lambda: ())
-    sentinel = tmp_path / "sentinel.txt"
-    sentinel.write_text("keep me")
-    assert run_python("print('hi')").stdout == "hi\n"
-    r = run_python(f"import os\nprint(os.getcwd(), flush=True)\nos.remove({str(sentinel)!r})")
-    assert not r.ok and sentinel.read_text() == "keep me"
-    r = run_python("import os\nprint(os.getcwd(), flush=True)\nwhile True:\n    os.fork()")
-    assert not r.ok and processes_mentioning(r.stdout.split()[0]) == []
-    r = run_python("import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(60)", timeout=2)
-    assert r.timed_out and processes_mentioning(r.stdout.split()[0]) == []
+def test_missing_bwrap_is_said_once(monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    execution.bwrap_works.cache_clear()
+    try:
+        assert not execution.bwrap_works() and not execution.bwrap_works()
+        assert capsys.readouterr().err.count("warning:") == 1
+    finally:
+        execution.bwrap_works.cache_clear()

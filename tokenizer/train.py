@@ -9,29 +9,52 @@ like the dataset's shard layout; files named one by one are all trained on. With
 
 import argparse
 import itertools
+import json
 import time
 from pathlib import Path
 
-from common import UserError, format_seconds, print0, run_main
-from tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer_dir, save_token_bytes
+from common import UserError, format_seconds, get_base_dir, print0, run_main
+from tokenizer import CONFIG_FILE, SPECIAL_TOKENS, Tokenizer, get_tokenizer_dir, save_token_bytes
 
 DATA_SUFFIXES = (".parquet", ".txt")
 
 
+def at_least(lo, kind=int):
+    """argparse type: a `kind` of at least `lo`."""
+    def parse(text):
+        if not kind(text) >= lo:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {text}")
+        return kind(text)
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the speedchat BPE tokenizer.")
-    p.add_argument("--vocab-size", type=int, default=65536,
-                   help="vocabulary size, including the 9 special tokens (default: %(default)s)")
-    p.add_argument("--max-chars", type=float, default=2e9,
+    p.add_argument("--vocab-size", type=at_least(256 + len(SPECIAL_TOKENS)), default=65536,
+                   help="vocabulary size, including the 9 special tokens (default: %(default)s); more than the "
+                        "training text can give is refused")
+    p.add_argument("--max-chars", type=at_least(1, float), default=2e9,
                    help="train on at most this many characters (default: %(default)g)")
-    p.add_argument("--doc-cap", type=int, default=10000,
+    p.add_argument("--doc-cap", type=at_least(1), default=10000,
                    help="use at most this many characters of each document (default: %(default)s)")
     p.add_argument("--source", default="stdlib-docs",
                    help="dataset source used when --data is not given: stdlib-docs | fineweb-edu | dir:PATH "
                         "(default: %(default)s)")
     p.add_argument("--data", nargs="*", default=None,
                    help="parquet files (column `text`), .txt files or folders of them; default: the --source")
+    p.add_argument("--force", action="store_true",
+                   help="replace the tokenizer even when checkpoints were trained with it (they become unusable)")
     return p.parse_args(argv)
+
+
+def checkpoints_using(directory) -> list[str]:
+    """The checkpoint folders (stage/tag) whose models were trained with the tokenizer in `directory`."""
+    if not (directory / CONFIG_FILE).exists():
+        return []
+    fingerprint = Tokenizer.load(directory).fingerprint()
+    metas = sorted((get_base_dir() / "checkpoints").glob("*/*/meta_*.json"))
+    return sorted({f"{m.parent.parent.name}/{m.parent.name}" for m in metas
+                   if json.loads(m.read_text(encoding="utf-8")).get("tokenizer") == fingerprint})
 
 
 # ---------------------------------------------------------------------------
@@ -93,10 +116,8 @@ def iter_source_documents(args):
         for path in list_data_files(args.data, holdout_last=True):
             yield from iter_file_documents(path, args.doc_cap)
         return
-    try:
-        import dataset
-    except ImportError:
-        raise UserError("no training data: pass --data with parquet or .txt files (or folders of them)")
+    import dataset
+
     source = getattr(args, "source", None) or "stdlib-docs"
     dataset.ensure_source(source)
     for doc in dataset.iter_documents(source, "train"):
@@ -121,14 +142,20 @@ def iter_training_texts(args):
             last_print = time.time()
             rate = stats["chars"] / (last_print - t0)
             print0(f"read {stats['docs']:,} docs, {stats['chars']:,} chars ({rate:,.0f} chars/s)")
+    # every merge joins two tokens of the text, so a text of n UTF-8 bytes (at most 4 per character)
+    # gives at most n merges: refuse before the merges start rather than train for nothing
+    most = 256 + len(SPECIAL_TOKENS) + 4 * stats["chars"]
+    if args.vocab_size > most:
+        raise UserError(f"--vocab-size {args.vocab_size:,} is more than {stats['chars']:,} characters of text can "
+                        f"give (at most {most:,} tokens): lower it or train on more text")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise UserError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
-    if args.doc_cap < 1 or args.max_chars < 1:
-        raise UserError("--doc-cap and --max-chars must be positive")
+    users = checkpoints_using(get_tokenizer_dir())
+    if users and not args.force:
+        raise UserError(f"the tokenizer in {get_tokenizer_dir()} is the one the checkpoints {', '.join(users)} were "
+                        "trained with, and a new one would make them unusable: pass --force to replace it anyway")
     try:
         from rustbpe import Tokenizer as _  # noqa: F401  (fail before reading any data)
     except ImportError:
