@@ -9,9 +9,9 @@
   lm_head in checkpointed chunks of rows, so the (B*T, vocab) float32 logits never exist at once
 - vocab padded to a multiple of 64 for fast matmuls; logits are sliced back to the real vocab
 - two ways to run with a KV cache: forward(idx, kv_cache=cache), any number of tokens at the
-  cache's Python-int position (prefill, and the eager decode loop), and decode_step(), one token
+  cache's Python-int position (prefill, and the plain decode loop), and decode_step(), one token
   per row at a position held in a device tensor, with shapes that do not change from token to
-  token, so that a CUDA graph can capture it (engine.py replays it for every generated token)
+  token, so that torch.compile can capture it in a CUDA graph (engine.py)
 """
 
 from dataclasses import dataclass
@@ -343,32 +343,17 @@ class GPT(nn.Module):
             return total
         return total / (flat_targets != -1).sum().clamp(min=1)
 
-    @torch.no_grad()
-    def decode_step(self, idx, kv_cache, pos, attend_len):
-        """The static-shape twin of forward(idx, kv_cache=kv_cache) for one new token per row,
-        made to be captured once in a CUDA graph and replayed at every position (engine.py):
-        no host sync, no Python int that changes from token to token, nothing allocated whose
-        size depends on the position.
-
-        idx (B, 1) token ids at the position held in `pos`, a (1,) LongTensor on the model's
-        device (the same position for every row). attend_len (a Python int, the shape-defining
-        "bucket"): attention reads cache positions 0 .. attend_len - 1 and masks those past pos;
-        the caller guarantees pos < attend_len <= kv_cache.seq_len (it cannot be checked here
-        without a host sync). The new keys/values are written into the cache at pos (the cache
-        never grows here) and kv_cache.pos is NOT advanced: the caller owns the position.
-        Returns float32 logits (B, vocab_size)."""
-        B = idx.size(0)
-        if idx.shape != (B, 1) or kv_cache.batch_size != B:
-            raise ValueError(f"decode_step: idx must be (batch, 1) for a KVCache of batch {kv_cache.batch_size}, "
-                             f"got {tuple(idx.shape)}")
-        if not 0 < attend_len <= kv_cache.seq_len:
-            raise ValueError(f"decode_step: attend_len {attend_len} outside 1 .. {kv_cache.seq_len} (the cache length)")
+    def decode_step(self, idx, kv_cache, pos):
+        """forward(idx, kv_cache=kv_cache) for one token per row, idx (B, 1), at the position held in
+        `pos`, a (1,) LongTensor on the model's device; float32 logits (B, vocab_size). Nothing here
+        syncs with the host or changes shape from token to token: attention reads the whole cache and
+        masks positions past pos, and the cache is written at pos but not advanced (the caller owns
+        the position; pos < kv_cache.seq_len, and the rotary tables must already cover it)."""
         pos = pos.reshape(1)
-        self._cover_rotary(kv_cache.seq_len, idx.device)  # before any capture: then a no-op
         x = self._embed(idx)
         cos, sin = self.cos.index_select(1, pos).to(x.dtype), self.sin.index_select(1, pos).to(x.dtype)
-        hidden = torch.arange(attend_len, device=idx.device) > pos  # cache positions after pos
-        mask = torch.zeros(1, 1, 1, attend_len, dtype=x.dtype, device=idx.device).masked_fill_(hidden, float("-inf"))
+        hidden = torch.arange(kv_cache.seq_len, device=idx.device) > pos  # cache positions after pos
+        mask = torch.zeros(1, 1, 1, kv_cache.seq_len, dtype=x.dtype, device=idx.device).masked_fill_(hidden, float("-inf"))
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache, pos, mask)
         return self._logits(norm(x[:, -1]))

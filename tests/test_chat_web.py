@@ -36,7 +36,7 @@ def start_server(base, log):
         port = free_port()
         cmd = [sys.executable, "-m", "chat_web", "--device", "cpu", "--port", str(port), "--max-tokens", "16",
                "--max-tokens-limit", str(MAX_TOKENS_LIMIT), "--max-messages", "8", "--max-message-chars", "600",
-               "--log-level", "warning", "--decode", "static"]  # static: decoders kept across requests
+               "--log-level", "warning"]
         start = log.tell()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
