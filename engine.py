@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from calculator import calculator
 from common import get_dtype
-from model import KVCache
+from attention import KVCache
 
 # ---------------------------------------------------------------------------
 # Sampling
@@ -96,8 +96,8 @@ class CompiledDecoder:
         self.cache = cache
         self.idx = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.k.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=cache.k.device)
-        for tensor in (cache.k, cache.v, self.idx, self.pos):  # read and written in place by the graph,
-            torch._dynamo.mark_static_address(tensor)          # never copied in
+        for tensor in (cache.k, cache.v, cache.prev, self.idx, self.pos):  # the graph reads and writes
+            torch._dynamo.mark_static_address(tensor)  # them in place, never copies them in
         self.step_fn = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
         self.busy = False  # a live generate() is using the cache
 
@@ -226,9 +226,7 @@ class Engine:
         return model(ids, kv_cache=cache, positions=last)
 
     def _new_cache(self, batch_size, seq_len):
-        cfg = self.model.config
-        return KVCache(batch_size, cfg.n_kv_head, seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer,
-                       self._device(), self._compute_dtype())
+        return KVCache(self.model.config, batch_size, seq_len, self._device(), self._compute_dtype())
 
     def _tool_output(self, row):
         """The row just closed a python block: queue the calculator's answer as forced tokens."""
