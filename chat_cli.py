@@ -68,7 +68,9 @@ def reply(engine, messages, args, turn, out=None) -> str | None:
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
-    engine, meta = load_engine(args.source, device, args.tag, args.step, args.decode, args.compile_decode)
+    engine, meta = load_engine(args.source, device, args.tag, args.step, args.decode)
+    if args.decode == "compiled" or (args.decode == "auto" and device.startswith("cuda")):
+        print("(the first reply waits for the decode step to compile: tens of seconds)", file=sys.stderr)
     if args.prompt is not None:
         if reply(engine, [{"role": "user", "content": args.prompt}], args, 0) is None:
             raise UserError("the prompt is longer than the model's context: shorten it")

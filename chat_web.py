@@ -122,7 +122,7 @@ class WorkerPool:
 
 def load_workers(source, device, tag=None, step=None, num_gpus=0, **engine_kw):
     """One worker per GPU (the first `num_gpus`, 0 = all), else one on `device`; engine_kw: load_engine's
-    decode switches."""
+    decode switch."""
     if device == "cuda":
         count = torch.cuda.device_count() if num_gpus <= 0 else min(num_gpus, torch.cuda.device_count())
         devices = [f"cuda:{i}" for i in range(count)]
@@ -383,8 +383,7 @@ def main(argv=None):
                     default_temperature=args.temperature, default_top_k=args.top_k)
     device = resolve_device(args.device)
     check_port(args.host, args.port)  # before the model loads, which can take a while
-    workers, meta = load_workers(args.source, device, args.tag, args.step, args.num_gpus,
-                                 decode=args.decode, compile_decode=args.compile_decode)
+    workers, meta = load_workers(args.source, device, args.tag, args.step, args.num_gpus, decode=args.decode)
     model_name = f"speedchat-{args.source}-{meta.get('tag', 'model')}"
     sequence_len = workers[0].engine.model.config.sequence_len
     app = create_app(WorkerPool(workers), model_name, sequence_len, limits)

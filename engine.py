@@ -14,25 +14,21 @@ Tool use: when a row writes <|python_start|> expr <|python_end|>, the expression
 <|output_start|> result <|output_end|> is forced into that row, token by token. Forced tokens are
 not sampled and are reported with mask 0 (sampled tokens have mask 1).
 
-Decode steps (Engine(decode=...)): on CUDA each step is GPT.decode_step, a fixed-shape step over a
-preallocated cache, captured once per attention window as a CUDA graph and replayed (batch-1
-decoding is otherwise bound by launching several hundred small kernels per token); elsewhere the
-plain model(ids, kv_cache=cache). In the static modes the engine launches step t+1 on the sampled
-tokens before it copies them to the host (except in steps where a tool forces a token), so the GPU
-does not wait for the host's bookkeeping between tokens.
+Two decode paths (Engine(decode=...)): "eager", the plain loop model(ids, kv_cache=cache), the
+reference (CPU, tests); and "compiled", GPT.decode_step over one static cache, compiled by
+torch.compile(mode="reduce-overhead") (the default on CUDA; see CompiledDecoder for why).
 """
 
 import copy
 import re
-import threading
-from collections import OrderedDict, deque
+from collections import deque
 
 import torch
 import torch.nn as nn
 
 from calculator import calculator
 from common import get_dtype
-from model import KVCache
+from attention import KVCache
 
 # ---------------------------------------------------------------------------
 # Sampling
@@ -77,95 +73,41 @@ class _Row:
 
 
 MAX_PYTHON_TOKENS = 256  # a longer tool call is not a calculator expression: ignore it
-DECODE_MODES = ("auto", "eager", "static", "graph")
-MIN_WINDOW = 64          # the smallest attention window of a static decode step (cache positions read)
-GRAPH_WARMUP_STEPS = 3   # eager runs on a side stream before a capture (lazy cuBLAS/attention setup)
-CAPTURE_LOCK = threading.Lock()  # one CUDA-graph capture at a time in the process
-MAX_DECODERS = 4         # static decoders (a KV cache and its graphs) an Engine keeps, least recently used dropped
+DECODE_MODES = ("auto", "eager", "compiled")
 
 
-def next_pow2(n):
-    return 1 << max(n - 1, 0).bit_length()
+class CompiledDecoder:
+    """GPT.decode_step over one static KV cache of the model's whole context, compiled with
+    torch.compile(mode="reduce-overhead"), which fuses the step and captures it as a CUDA graph.
 
+    Why this and not hand-captured CUDA graphs: batch-1 decoding is bound by kernel launches, not
+    FLOPs (an eager step is several hundred small kernels). A graph of the eager step removes the
+    launch cost but still runs every kernel; inductor also fuses the elementwise work (rotary, norms,
+    residual scalars, gates, masks) into a few kernels per layer and captures the graph itself, as
+    gpt-fast does, in a few lines instead of a hundred of capture, stream, pool and re-capture
+    bookkeeping. The price is compile latency: the first reply of a process (per batch size) waits
+    for a compilation of tens of seconds (--decode eager avoids it). Sliding windows need nothing
+    more: each layer's mask comes from the position tensor on the device, over the one cache, so a
+    single compiled step serves every position (no per-length shapes, no recompilation). Reading the
+    whole cache costs, at d24 and batch 1, ~0.3 GB of keys/values per token next to ~1.5 GB of
+    weights (an estimate); caches sized per reply length would trade that for a recompilation."""
 
-class StaticDecoder:
-    """Decode steps with fixed shapes over one preallocated KV cache (its seq_len a power of two;
-    never grown), through GPT.decode_step. The attention window of a step is the next power of
-    two above its position (at least MIN_WINDOW), so a whole reply runs through a handful of
-    shapes. With graphs=True (CUDA) each window's step is captured once as a CUDA
-    graph and then replayed: one launch per token instead of several hundred kernel launches,
-    which is what batch-1 decoding is bound by. The graphs read the static inputs self.idx and
-    self.pos and write the logits into one static output tensor per window.
-
-    A step writes its keys/values at its position, over whatever was there: a kept decoder's cache
-    needs no clearing, as positions past the step's are masked."""
-
-    def __init__(self, model, cache, graphs, compiled=False):
-        device = cache.k.device
-        self.model, self.cache, self.use_graphs = model, cache, graphs
-        # compiled: inductor fuses the step's elementwise work (rotary, norms, residual adds, relu^2)
-        # into a few kernels per layer. dynamic=None: the first window compiles for its exact size,
-        # the second recompiles with the size symbolic, and later windows reuse that: 2 compilations
-        # per batch size (a new batch size adds one; batch 1 always gets its own); each CUDA graph
-        # still holds one window
-        self.decode_step = model.decode_step
-        if compiled:
-            self.decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=None)
-        self.idx = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.graphs = {}   # window -> (torch.cuda.CUDAGraph, the logits tensor it writes)
-        self.pool = None   # one memory pool for all of this decoder's graphs: they never run at once
-        self.stream = None  # the stream its graphs are captured on (made at the first capture)
-        self.tables = None  # the rotary table the graphs read (an eager forward may replace it)
-        self.busy = False  # a generate() call is using the cache
-
-    def window(self, pos):
-        return min(max(next_pow2(pos + 1), MIN_WINDOW), self.cache.seq_len)
-
-    def fits(self, pos):
-        return pos < self.cache.seq_len
+    def __init__(self, model, cache):
+        self.cache = cache
+        self.idx = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.k.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=cache.k.device)
+        for tensor in (cache.k, cache.v, cache.prev, self.idx, self.pos):  # the graph reads and writes
+            torch._dynamo.mark_static_address(tensor)  # them in place, never copies them in
+        self.step_fn = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+        self.busy = False  # a live generate() is using the cache
 
     def step(self, ids, pos):
-        """Logits (B, V) for the tokens ids (B,) or (B, 1) at cache position pos (a Python int,
-        pos < seq_len); their keys/values are written at pos. With graphs the logits tensor is
-        the graph's output: it is overwritten by the next step, so use it before that."""
+        """Logits (B, V) for the tokens ids (B,) at cache position pos (a Python int < seq_len): the
+        graph's output, overwritten by the next step."""
         self.idx.copy_(ids.view(-1, 1))
         self.pos.fill_(pos)  # a tiny kernel with pos as its argument: no host-to-device copy, no sync
-        window = self.window(pos)
-        if not self.use_graphs:
-            return self.decode_step(self.idx, self.cache, self.pos, window)
-        if self.model.cos is not self.tables:  # a longer prompt grew the rotary tables: recapture
-            self.graphs.clear()
-            self.tables = self.model.cos
-        if window not in self.graphs:
-            self._capture(window)
-        graph, logits = self.graphs[window]
-        graph.replay()
-        return logits
-
-    def _capture(self, window):
-        """Warm up on a side stream, then capture, as the PyTorch CUDA-graph docs prescribe. The
-        warm-up steps really run: they write this position's keys/values from self.idx, exactly
-        what the replay that follows writes again (a compiled step compiles in the first one).
-        thread_local capture: chat_web decodes on one thread per GPU, and another thread's
-        allocations must not break this capture. The capture runs on this decoder's own stream
-        (torch.cuda.graph's default one is shared by the process and lives on the GPU that first
-        captured) and one capture at a time in the process, as PyTorch allows."""
-        device = self.cache.k.device
-        decode = lambda: self.decode_step(self.idx, self.cache, self.pos, window)
-        with CAPTURE_LOCK, torch.cuda.device(device):
-            if self.stream is None:
-                self.stream = torch.cuda.Stream(device)
-                self.pool = torch.cuda.graph_pool_handle()
-            self.stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(self.stream):
-                for _ in range(GRAPH_WARMUP_STEPS):
-                    decode()
-            torch.cuda.current_stream(device).wait_stream(self.stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-                logits = decode()
-        self.graphs[window] = (graph, logits)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.step_fn(self.idx, self.cache, self.pos)
 
 
 class _ColumnReader:
@@ -191,25 +133,15 @@ class _ColumnReader:
 
 
 class Engine:
-    """Generation from a GPT (see the module docstring). decode: how the per-token steps run.
-      "eager"  model(ids, kv_cache=cache): shapes that change at every token (the reference);
-      "static" model.decode_step over a preallocated cache, attention over a window bucket: fixed
-               shapes and the same math (on CPU, how the tests run the graph path's code);
-      "graph"  "static" captured as CUDA graphs, one per window, replayed (CUDA only);
-      "auto"   "graph" on CUDA, "eager" elsewhere.
-    compile_decode: torch.compile the static step ("static"/"graph" only): a few fused kernels per
-      layer instead of ~25 (a graph replays every kernel, so their number bounds batch-1 speed);
-      about two compilations per batch size (see StaticDecoder), probably tens of seconds each at d20.
-    The static modes keep their caches and graphs for the next generate() call (MAX_DECODERS of
-    them, keyed by batch and cache length): capturing costs a few eager steps per window, about
-    what the first reply's first tokens cost, and chat_web would otherwise pay it per request."""
+    """Generation from a GPT (see the module docstring). decode: "eager" the plain KV-cached loop,
+    "compiled" the CompiledDecoder (any device, but only a GPU repays its compilation), "auto"
+    compiled on CUDA, eager elsewhere. The compiled path keeps its cache and compiled step per batch
+    size for later calls; a call whose reply does not fit the model's context, or that finds the
+    decoder busy with another live generate(), runs eager."""
 
-    def __init__(self, model, tokenizer, decode="auto", compile_decode=False):
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.decode, self.compile_decode = decode, compile_decode
+    def __init__(self, model, tokenizer, decode="auto"):
+        assert decode in DECODE_MODES, decode
+        self.model, self.tokenizer, self.decode = model, tokenizer, decode
         special = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
         self.assistant_end = special("<|assistant_end|>")
@@ -218,8 +150,8 @@ class Engine:
         self.output_start = special("<|output_start|>")
         self.output_end = special("<|output_end|>")
         self.stop_tokens = {self.assistant_end, self.bos}
-        self._decoders = OrderedDict()  # (batch, cache length, graphs) -> StaticDecoder
-        self._weights = None            # where the model's weights were: see _runner
+        self._decoders = {}     # batch size -> CompiledDecoder
+        self._weights = None    # where the model's weights were: see _runner
         self._copy, self._copy_versions = None, None
 
     def _device(self):
@@ -236,12 +168,11 @@ class Engine:
     def _runner(self):
         """The module that computes: the model itself, or, for float32 weights on a GPU that
         computes in bf16, a bf16 copy of it. Autocast instead would cast every weight on every
-        forward (~2 GB read, 1 GB written per token at d20: about a millisecond, more than a
-        graphed decode step), and a CUDA graph cannot keep autocast's cast cache. The copy is made
-        once and refreshed in place (the graphs keep pointing at it) when the model's weights
+        step (about a millisecond at d20, more than a compiled decode step). The copy is made once
+        and refreshed in place (the compiled graphs keep pointing at it) when the model's weights
         change in place, as seen by each tensor's _version, which optimizer steps and
-        load_state_dict bump (a write through p.data does not, and is not seen); if the weights
-        move (.to(), a new tensor), copy and graphs are rebuilt."""
+        load_state_dict bump (a write through p.data is not seen); if the weights move (.to(), a
+        new tensor), copy and decoders are rebuilt."""
         params = list(self.model.parameters())
         where = [p.data_ptr() for p in params]
         if where != self._weights:  # first call, or weights that moved: graphs would read stale memory
@@ -250,7 +181,7 @@ class Engine:
         dtype = self._compute_dtype()
         if all(p.dtype == dtype for p in params):
             return self.model
-        versions = [p._version for p in params]  # bumped by every in-place write (optimizer, load_state_dict)
+        versions = [p._version for p in params]
         with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable in any mode
             if self._copy is None:
                 memo = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in params}
@@ -261,40 +192,19 @@ class Engine:
         self._copy_versions = versions
         return self._copy
 
-    def _decode_mode(self, device):
-        mode = self.decode
-        if mode == "auto":
-            mode = "graph" if device.type == "cuda" else "eager"
-        if mode == "graph" and device.type != "cuda":
-            raise ValueError("decode='graph' needs the model on a CUDA device (use 'static' elsewhere)")
-        if mode == "eager" and self.compile_decode:
-            raise ValueError(f"compile_decode compiles the static decode step: use decode='static' or 'graph' "
-                             f"(decode={self.decode!r} runs {mode} on {device.type})")
-        return mode
-
-    def _take_decoder(self, runner, batch, room, graphs):
-        """A static decoder with a cache of at least `room` positions (rounded up to a power of
-        two, so that replies of similar lengths share one): the kept one, or a new one. One in use
-        by another live generate() is not shared: this call gets a private one."""
-        seq_len = max(next_pow2(room), MIN_WINDOW)
-        key = (batch, seq_len, graphs)
-        decoder = self._decoders.get(key)
-        if decoder is None or decoder.busy:
-            fresh = StaticDecoder(runner, self._new_cache(batch, seq_len), graphs, self.compile_decode)
-            if decoder is None:
-                self._decoders[key] = fresh
-                while len(self._decoders) > MAX_DECODERS:
-                    self._decoders.popitem(last=False)
-            decoder = fresh
-        if self._decoders.get(key) is decoder:
-            self._decoders.move_to_end(key)
+    def _take_decoder(self, runner, batch, needed):
+        """The compiled decoder for this batch size (made on first use), or None for the eager loop."""
+        compiled = self.decode == "compiled" or (self.decode == "auto" and self._device().type == "cuda")
+        seq_len = self.model.config.sequence_len
+        if not compiled or needed > seq_len:
+            return None
+        if batch not in self._decoders:
+            self._decoders[batch] = CompiledDecoder(runner, self._new_cache(batch, seq_len))
+        decoder = self._decoders[batch]
+        if decoder.busy:
+            return None
         decoder.busy = True
         return decoder
-
-    def _drop_decoder(self, decoder):
-        for key, kept in list(self._decoders.items()):
-            if kept is decoder:
-                del self._decoders[key]
 
     def _prefill(self, runner, tokens, num_samples, room, decoder):
         """(cache, logits (num_samples, V)): the prompt is run once, batch 1, and its keys/values
@@ -312,15 +222,11 @@ class Engine:
 
     def _forward(self, model, ids, cache):
         """Last-position logits (B, V) for ids (B, t) at positions cache.pos .. cache.pos + t."""
-        if ids.size(1) == 1:
-            return model(ids, kv_cache=cache)[:, -1]
         last = torch.full((ids.size(0),), ids.size(1) - 1, dtype=torch.long, device=ids.device)
         return model(ids, kv_cache=cache, positions=last)
 
     def _new_cache(self, batch_size, seq_len):
-        cfg = self.model.config
-        return KVCache(batch_size, cfg.n_kv_head, seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer,
-                       self._device(), self._compute_dtype())
+        return KVCache(self.model.config, batch_size, seq_len, self._device(), self._compute_dtype())
 
     def _tool_output(self, row):
         """The row just closed a python block: queue the calculator's answer as forced tokens."""
@@ -339,7 +245,6 @@ class Engine:
         assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "tokens: a non-empty list of ids"
         assert num_samples >= 1, "num_samples must be at least 1"
         device = self._device()
-        mode = self._decode_mode(device)
         runner = self._runner()
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
@@ -347,12 +252,10 @@ class Engine:
             max_tokens = max(self.model.config.sequence_len - len(tokens), 1)
         if max_tokens <= 0:
             return
-
-        # The cache is sized for the whole reply, up to one context's worth; past that the eager
-        # path grows it by doubling (the static path hands over to the eager one when it is full).
-        room = len(tokens) + min(max_tokens, self.model.config.sequence_len) - 1  # the last token is not fed back
-        decoder = None if mode == "eager" else self._take_decoder(runner, num_samples, room, mode == "graph")
-        held = decoder  # freed at the end, also when the caller stops iterating early
+        needed = len(tokens) + max_tokens - 1  # cache positions the reply needs (the last token is not fed back)
+        decoder = self._take_decoder(runner, num_samples, needed)
+        # the eager cache holds up to one context's worth and grows by doubling past that
+        room = min(needed, len(tokens) + self.model.config.sequence_len)
         try:
             cache, logits = self._prefill(runner, tokens, num_samples, room, decoder)
             rows = [_Row() for _ in range(num_samples)]
@@ -361,10 +264,6 @@ class Engine:
             sampled = sample_next(logits, generator, temperature, top_k, top_p)
             for step in range(max_tokens):
                 last_step = step == max_tokens - 1
-                if decoder is not None and not decoder.fits(pos):  # full: hand over to the eager path,
-                    self._drop_decoder(decoder)  # which grows the cache (the graphs point at this one)
-                    decoder = None
-                    cache.pos = pos
                 reader.start(sampled)
                 ahead = None
                 if decoder is not None and not last_step and not any(row.forced for row in rows):
@@ -392,9 +291,9 @@ class Engine:
                     logits = ahead if ahead is not None else decoder.step(ids, pos)
                 pos += 1
                 sampled = sample_next(logits, generator, temperature, top_k, top_p)
-        finally:
-            if held is not None:
-                held.busy = False
+        finally:  # also when the caller stops iterating early
+            if decoder is not None:
+                decoder.busy = False
 
     def _track(self, row, token):
         """Update a row's state after it emits `token`."""
@@ -439,34 +338,26 @@ SOURCE_FALLBACK_HINT = {"sft": " (or --source mid/base)", "mid": " (or --source 
 
 
 def add_decode_flags(p):
-    """chat_cli's and chat_web's switches for how the decode steps run (see Engine)."""
+    """chat_cli's and chat_web's switch for how the decode steps run (see Engine)."""
     p.add_argument("--decode", default="auto", choices=DECODE_MODES,
-                   help="decode steps: auto = CUDA graphs on CUDA, eager elsewhere (see engine.Engine)")
-    p.add_argument("--compile-decode", action="store_true",
-                   help="torch.compile the static decode step (--decode graph or static; auto is graph on "
-                        "CUDA): faster batch-1 tokens after a compilation of tens of seconds on the first replies")
+                   help="compiled: one static decode step under torch.compile with CUDA graphs (fast tokens "
+                        "after a compilation of tens of seconds on the first reply); eager: the plain KV-cached "
+                        "loop; auto: compiled on CUDA, eager elsewhere")
 
 
-def load_engine(source="sft", device="cpu", tag=None, step=None, decode="auto", compile_decode=False):
+def load_engine(source="sft", device="cpu", tag=None, step=None, decode="auto"):
     """(Engine, meta) for the latest (or given) checkpoint of stage `source`, with a one-line
     UserError that says which script to run when that stage has no checkpoint yet."""
     import checkpoint
     from common import UserError
 
-    if source not in checkpoint.STAGES:
-        raise UserError(f"unknown --source {source!r}: use one of {', '.join(checkpoint.STAGES)}")
     has_any = checkpoint.list_steps(checkpoint.checkpoint_dir(source, tag)) if tag else checkpoint.find_last_tag(source)
     if not has_any:
         what = f"{source} checkpoint" + (f" with tag {tag!r}" if tag else "")
         raise UserError(f"no {what}: run `python -m {checkpoint.STAGE_SCRIPTS[source]}` first"
                         + SOURCE_FALLBACK_HINT[source])
     model, tokenizer, meta = checkpoint.load_model(source, device, tag=tag, step=step, phase="eval")
-    engine = Engine(model, tokenizer, decode=decode, compile_decode=compile_decode)
-    try:
-        engine._decode_mode(torch.device(device))  # a switch that cannot run here fails now, not at the first reply
-    except ValueError as e:
-        raise UserError(f"--decode {decode}{' --compile-decode' if compile_decode else ''} on {device}: {e}") from None
-    return engine, meta
+    return Engine(model, tokenizer, decode=decode), meta
 
 
 # ---------------------------------------------------------------------------

@@ -129,7 +129,8 @@ def convertible(module):
 
 def convert_to_fp8(model):
     """Make every nn.Linear in model.blocks (attention q/k/v/proj, MLP) whose dims are multiples
-    of 16 a Float8Linear, in place; wte and lm_head stay as they are. Returns how many were
+    of 16 a Float8Linear, in place; wte, the value embeddings, lm_head and the gates (12 or 24
+    inputs, a rounding error of a matmul) stay as they are. Returns how many were
     converted. Only the modules' class changes: the Parameter objects are the same ones, so
     optimizers built before or after keep updating the right tensors. Call before torch.compile."""
     model = getattr(model, "_orig_mod", model)  # a compiled model: convert the module inside

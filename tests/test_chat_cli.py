@@ -1,10 +1,5 @@
-"""chat_cli.py: one-shot and interactive chat on a tiny checkpoint, and the messages shown
-when a stage has no checkpoint yet."""
-
-import os
-import sys
-import subprocess
-from pathlib import Path
+"""chat_cli.py: one-shot and interactive chat on a tiny checkpoint, the decode switch, and the
+message shown when a stage has no checkpoint yet."""
 
 import pytest
 import torch
@@ -13,8 +8,6 @@ import chat_cli
 from common import UserError
 from test_engine import save_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def base_dir(tmp_path, monkeypatch):
@@ -22,32 +15,13 @@ def base_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_missing_checkpoint_messages(base_dir):
-    with pytest.raises(UserError, match=r"^no sft checkpoint: run `python -m chat_sft` first \(or --source mid/base\)$"):
+def test_missing_checkpoint_says_which_script_to_run(base_dir):
+    with pytest.raises(UserError, match="run `python -m chat_sft` first"):
         chat_cli.main(["-p", "hi"])
-    with pytest.raises(UserError, match=r"^no mid checkpoint: run `python -m mid_train` first \(or --source base\)$"):
-        chat_cli.main(["-p", "hi", "--source", "mid"])
-    with pytest.raises(UserError, match=r"^no base checkpoint: run `python -m base_train` first$"):
+    with pytest.raises(UserError, match="run `python -m base_train` first"):
         chat_cli.main(["-p", "hi", "--source", "base"])
     with pytest.raises(SystemExit):  # argparse refuses it before anything loads
         chat_cli.main(["-p", "hi", "--top-p", "0"])
-
-
-def test_devices_that_are_not_there(base_dir):
-    save_tiny_checkpoint(base_dir, stage="sft")  # the device is checked first, not blamed on the checkpoint
-    with pytest.raises(UserError, match=r"^--device 'foo' is not a device: use cuda, cpu or mps$"):
-        chat_cli.main(["-p", "hi", "--device", "foo"])
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match=r"^--device cuda was asked for but no CUDA GPU is visible$"):
-            chat_cli.main(["-p", "hi", "--device", "cuda"])
-
-
-def test_missing_checkpoint_is_one_line_from_the_shell(base_dir):
-    env = dict(os.environ, SPEEDCHAT_BASE_DIR=str(base_dir))
-    proc = subprocess.run([sys.executable, "-m", "chat_cli", "-p", "hi"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: no sft checkpoint: run `python -m chat_sft` first (or --source mid/base)"
 
 
 def test_one_shot_prompt(base_dir, capsys):
@@ -60,20 +34,16 @@ def test_one_shot_prompt(base_dir, capsys):
     assert capsys.readouterr().out == first  # greedy is deterministic
 
 
-def test_decode_switches(base_dir, capsys):
+def test_decode_switch(base_dir, capsys, monkeypatch):
+    """--decode compiled (its step run as written: torch.compile = identity) says what eager says."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     save_tiny_checkpoint(base_dir, stage="sft")
     capsys.readouterr()
     ask = ["-p", "Hello! How are you?", "--max-tokens", "12", "--temperature", "0", "--device", "cpu"]
-    chat_cli.main(ask)
+    chat_cli.main(ask + ["--decode", "eager"])
     eager = capsys.readouterr().out
-    chat_cli.main(ask + ["--decode", "static"])
-    assert capsys.readouterr().out == eager  # the static step is the same math
-    # a switch that cannot run on this device fails before any reply, in one line
-    with pytest.raises(UserError, match=r"^--decode graph on cpu: .*needs the model on a CUDA device"):
-        chat_cli.main(ask + ["--decode", "graph"])
-    with pytest.raises(UserError, match=r"^--decode auto --compile-decode on cpu: compile_decode compiles"):
-        chat_cli.main(ask + ["--compile-decode"])
-    assert capsys.readouterr().out == ""
+    chat_cli.main(ask + ["--decode", "compiled"])
+    assert capsys.readouterr().out == eager
 
 
 def test_interactive_history_clear_exit(base_dir, capsys, monkeypatch):

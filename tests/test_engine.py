@@ -140,15 +140,6 @@ def test_seed_reproducible_and_varied(tok, model):
     assert a != c
 
 
-def test_top_k_one_and_tiny_top_p_are_greedy(tok, model):
-    engine = Engine(model, tok)
-    prompt = tok.encode("What is the", prepend="<|bos|>")
-    greedy, _ = engine.generate_batch(prompt, max_tokens=10, temperature=0.0)
-    top1, _ = engine.generate_batch(prompt, max_tokens=10, temperature=1.0, top_k=1, seed=1)
-    nucleus, _ = engine.generate_batch(prompt, max_tokens=10, temperature=1.0, top_p=1e-6, seed=2)
-    assert greedy == top1 == nucleus
-
-
 def test_sample_next_support():
     gen = torch.Generator().manual_seed(0)
     logits = torch.log(torch.tensor([[0.05, 0.6, 0.3, 0.05]])).expand(2000, -1)
@@ -176,32 +167,48 @@ def test_sample_next_follows_the_softmax():
 
 
 class Scripted(nn.Module):
-    """Runs the real model (so the cache advances) but forces, per row, the token at given
-    absolute positions: scripts[row][position] = token. Prefill (batch 1) uses row 0's script."""
+    """The real model on both decode paths (so the cache advances), with the token at given
+    absolute positions forced per row: scripts[row][position] = token (the batch-1 prefill uses
+    row 0's). Records every (position, ids) the engine fed it."""
 
     def __init__(self, model, scripts):
         super().__init__()
         self.inner, self.config, self.scripts = model, model.config, scripts
-        self.fed = []  # every input the engine gave the model
+        self.fed = []
 
-    def forward(self, idx, kv_cache=None, positions=None):
-        self.fed.append(idx.clone())
-        next_pos = kv_cache.pos + idx.size(1)
-        logits = self.inner(idx, kv_cache=kv_cache, positions=positions).clone()
-        last = logits if positions is not None else logits[:, -1]  # a view: edits reach logits
-        for row in range(idx.size(0)):
+    def _force(self, logits, next_pos):
+        for row in range(logits.size(0)):
             token = self.scripts[row].get(next_pos)
             if token is not None:
-                last[row] = -1e9
-                last[row, token] = 10.0
+                logits[row] = -1e9
+                logits[row, token] = 10.0
         return logits
+
+    def forward(self, idx, kv_cache=None, positions=None):
+        self.fed.append((kv_cache.pos, idx.clone()))
+        logits = self.inner(idx, kv_cache=kv_cache, positions=positions).clone()
+        return self._force(logits, kv_cache.pos)  # the cache has advanced: the position to come
+
+    def decode_step(self, idx, kv_cache, pos):
+        self.fed.append((int(pos), idx.clone()))
+        return self._force(self.inner.decode_step(idx, kv_cache, pos).clone(), int(pos) + 1)
 
 
 def script(start, tokens):
     return {start + i: t for i, t in enumerate(tokens)}
 
 
-def test_tool_use_forces_output(tok, model):
+@pytest.fixture
+def uncompiled(monkeypatch):
+    """The compiled decode path's code with its step run as written (torch.compile = identity)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+
+
+@pytest.mark.parametrize("decode", ["eager", "compiled"])
+def test_tool_use_forces_output(tok, model, decode, uncompiled):
+    """Calculator answers are forced in (mask 0) and fed to the model instead of what it sampled; a
+    refused call gets no output. The compiled path runs step t+1 on the sampled tokens before it reads
+    them, except where a tool forces one: every position is still fed exactly once, in order."""
     special = tok.encode_special
     prompt = tok.encode("How many r in strawberry?", prepend="<|bos|>") + [special("<|assistant_start|>")]
     P = len(prompt)
@@ -213,20 +220,18 @@ def test_tool_use_forces_output(tok, model):
     tail = tok.encode(" ok") + [special("<|assistant_end|>")]
     scripts = [script(P, c) | script(P + len(c) + len(f), tail) for c, f in zip(calls, forced)]
     scripted = Scripted(model, scripts)
-    engine = Engine(scripted, tok)
+    engine = Engine(scripted, tok, decode=decode)
     results, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=60, temperature=0.0)
     for r, (row, mask, call, out) in enumerate(zip(results, masks, calls, forced)):
-        generated = row[P:]
-        assert generated == call + out + tail[:-1]
+        assert row[P:] == call + out + tail[:-1]
         assert mask[P:] == [1] * len(call) + [0] * len(out) + [1] * (len(tail) - 1)
-        # the model was fed the forced tokens, not what it sampled at those steps
-        fed = scripted.fed[0][0].tolist() + [int(ids[r, 0]) for ids in scripted.fed[1:]]
-        assert fed[: len(row)] == row
+        fed = {pos: int(ids[r, 0]) for pos, ids in scripted.fed[1:]}
+        assert [fed[p] for p in range(P, len(row))] == row[P:]
+    positions = [pos for pos, _ in scripted.fed[1:]]
+    assert positions == list(range(P, P + len(positions)))
     # the same through the streaming API at temperature 1: forced tokens are never sampled
     columns = list(engine.generate(prompt, num_samples=3, max_tokens=60, temperature=1.0, seed=5))
-    col_masks = [m for _, m in columns]
-    assert sum(1 for m in col_masks if m[0] == 0) == len(forced[0])
-    assert all(m[1] == 1 for m in col_masks)
+    assert sum(1 for _, m in columns if m[0] == 0) == len(forced[0]) and all(m[1] == 1 for _, m in columns)
 
 
 def test_stops_and_budget(tok, model):

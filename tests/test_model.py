@@ -1,35 +1,33 @@
-"""The GPT: config, shapes, init, loss, KV cache, FLOPs/params, optimizer setup. CPU, fp32."""
+"""The GPT: config and windows, the d24 figures, init and gates, loss, the KV-cached paths with
+every architectural part, accounting, optimizer groups, the attention kernel choice. CPU, fp32."""
 
-import dataclasses
 import math
+import sys
+import types
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import attention as attention_module
 import model as model_module
+from attention import KVCache, attention, visible
 from conftest import assert_close
-from model import GPT, GPTConfig, KVCache, config_from_depth
+from model import GPT, GPTConfig, config_from_depth, layer_windows
 
 V = 100  # padded to 128 inside the model
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path))
-
-
 def tiny_config(**overrides):
-    cfg = dict(sequence_len=16, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
-    cfg.update(overrides)
-    return GPTConfig(**cfg)
+    return GPTConfig(**(dict(sequence_len=16, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=64) | overrides))
 
 
 def make_model(cfg=None, seed=0, randomize=False):
     torch.manual_seed(seed)
     model = GPT(cfg or tiny_config())
     model.init_weights()
-    if randomize:  # zero output projections would hide attention bugs: make every weight matter
+    if randomize:  # zero projections and scalars at their init would hide bugs: make every weight matter
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(std=0.5 if p is model.wte.weight else 0.2)
@@ -40,76 +38,88 @@ def tokens(B, T, seed=1):
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-# --------------------------------------------------------------------------- config
+# --------------------------------------------------------------------------- config, windows, figures
 
 
-def test_config_from_depth():
-    cfg = config_from_depth(20, vocab_size=65536)
-    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.sequence_len) == (20, 1280, 10, 10, 2048)
-    cfg = config_from_depth(3, vocab_size=500)  # 192 rounds up to a multiple of 128
-    assert (cfg.n_embd, cfg.n_head) == (256, 2)
-    cfg = config_from_depth(2, vocab_size=500, sequence_len=64, head_dim=32, n_kv_head=2)
-    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.sequence_len) == (2, 128, 4, 2, 64)
-    assert GPTConfig(**dataclasses.asdict(cfg)) == cfg  # what a checkpoint stores rebuilds it
-    with pytest.raises(ValueError):
-        config_from_depth(0, vocab_size=500)
-    with pytest.raises(ValueError):
-        GPT(tiny_config(n_kv_head=3))
+def test_config_from_depth_and_windows():
+    cfg = config_from_depth(20, vocab_size=32768)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.window_pattern) == (20, 1280, 10, 10, "SSSL")
+    assert GPTConfig(**asdict(cfg)) == cfg  # what a checkpoint stores rebuilds it
+    assert config_from_depth(3, vocab_size=500).n_embd == 256  # 192 rounds up to a multiple of 128
+    assert layer_windows(cfg) == ([512, 512, 512, None] * 5)
+    # short = a quarter of the context rounded up to 128; the last layer is L whatever the pattern
+    assert layer_windows(tiny_config(sequence_len=1000, n_layer=3, window_pattern="S")) == [256, 256, None]
+    assert layer_windows(tiny_config(n_layer=3, window_pattern="LS")) == [None, 128, None]
 
 
-# --------------------------------------------------------------------------- shapes, init, loss
+def test_d24_parameters_and_flops_match_nanochat():
+    with torch.device("meta"):
+        model = GPT(config_from_depth(24, vocab_size=32768))
+    params = model.num_params()
+    assert params["total"] == 1_384_122_122  # nanochat's d24 with value embeddings
+    matrices = 24 * 12 * 1536**2 + 32768 * 1536  # q, k, v, proj and the 4x MLP per layer; lm_head
+    assert params["scaling"] == matrices + 12 * 12 * 12  # + the 12 value gates (12 heads x 12 channels)
+    keys = 6 * 2048 + 18 * 512  # 6 long layers, 18 of window 512
+    assert model.estimate_flops() == 6 * (params["total"] - params["embedding"]) + 12 * 1536 * keys
+    assert round(model.estimate_flops() / 1e9, 3) == 4.775
 
 
-def test_shapes_padding_and_no_biases():
+def test_window_mask_and_windowed_attention():
+    assert visible(torch.arange(5), 5, 2).int().tolist() == [
+        [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
+    assert visible(torch.tensor([6]), 8, None).int().tolist() == [[1] * 7 + [0]]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 10, 4, 8, generator=gen, dtype=torch.float64).unbind(0)
+    k, v = k[:, :, :2], v[:, :, :2]  # 4 query heads on 2 kv heads
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, dim=2)) * 1.2**2 / 8**0.5
+    i, j = torch.arange(10)[:, None], torch.arange(10)
+    band = (j <= i) & (i - j < 3)
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~band, -math.inf).softmax(-1),
+                            v.repeat_interleave(2, dim=2))
+    assert_close(attention(q, k, v, window=3), expected, atol=1e-10)
+    assert_close(attention(q, k, v, window=3, q_pos=torch.arange(10)), expected, atol=1e-10)
+    assert not torch.allclose(attention(q, k, v, window=None), expected)  # the window does restrict
+
+
+# --------------------------------------------------------------------------- init, gates, loss
+
+
+def test_init_scalars_gates_and_initial_loss():
     model = make_model()
-    assert model.padded_vocab_size == 128
-    assert model.wte.weight.shape == (128, 64) and model.lm_head.weight.shape == (128, 64)
-    assert model.wte.weight.data_ptr() != model.lm_head.weight.data_ptr()  # untied
-    assert all(p.dim() == 2 for p in model.parameters())  # no biases, no norm gains
-    logits = model(tokens(3, 16))
-    assert logits.shape == (3, 16, V) and logits.dtype == torch.float32
-
-
-def test_initial_loss_is_ln_vocab_and_projections_start_at_zero():
-    model = make_model()
-    loss = model(tokens(4, 16), tokens(4, 16, seed=2))
-    assert abs(loss.item() - math.log(V)) < 0.05
+    assert model.padded_vocab_size == 128 and model.wte.weight.data_ptr() != model.lm_head.weight.data_ptr()
+    assert sorted(model.value_embeds) == ["1"]  # alternating layers ending with the last
+    assert_close(model.resid_lambdas.detach(), torch.tensor([1.15, 1.05]))
+    assert_close(model.x0_lambdas.detach(), torch.tensor([0.20, 0.05]))
+    assert model.smear_lambda.item() == 0.0 and model.backout_lambda.item() == pytest.approx(0.2)
     for block in model.blocks:
         assert block.attn.c_proj.weight.abs().max() == 0 and block.mlp.c_proj.weight.abs().max() == 0
-
-
-def test_logits_are_soft_capped():
-    model = make_model()
+    gates = []
+    gate = model.blocks[1].attn.ve_gate
+    gate.register_forward_hook(lambda module, args, out: gates.append(3 * torch.sigmoid(out)))
+    x, y = tokens(4, 16), tokens(4, 16, seed=2)
+    loss = model(x, y)
+    assert abs(loss.item() - math.log(V)) < 0.05
+    assert gates[0].shape == (4, 16, 2) and (gates[0] - 1.5).abs().max() < 0.1  # 3 * sigmoid(~0)
+    assert (gate.weight >= 0).all() and gate.weight.max() <= 0.02
+    logits = model(tokens(3, 16))
+    assert logits.shape == (3, 16, V) and logits.dtype == torch.float32
     with torch.no_grad():
         model.lm_head.weight.normal_(std=100.0)
-    logits = model(tokens(2, 8))
-    assert logits.abs().max() <= 15.0 and logits.abs().max() > 14.0
+    assert 14.0 < model(tokens(2, 8)).abs().max() <= 15.0  # soft-capped
 
 
 def test_loss_masking_and_reductions():
     model = make_model(randomize=True)
     x, y = tokens(2, 16), tokens(2, 16, seed=2)
     y[0, :5] = -1
-    logits = model(x)
     keep = y != -1
-    expected = F.cross_entropy(logits[keep], y[keep])
-    assert_close(model(x, y), expected, atol=1e-5, rtol=1e-5)
+    assert_close(model(x, y), F.cross_entropy(model(x)[keep], y[keep]), atol=1e-5, rtol=1e-5)
     per_token = model(x, y, loss_reduction="none")
     assert per_token.shape == (2, 16) and (per_token[~keep] == 0).all()
     assert_close(per_token.sum(), model(x, y, loss_reduction="sum"))
-    with pytest.raises(ValueError):
-        model(x, y, loss_reduction="max")
-
-
-@pytest.mark.parametrize("chunk_rows", [None, 3])
-def test_all_masked_targets_give_zero_finite_loss(chunk_rows, monkeypatch):
-    if chunk_rows:
-        monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", chunk_rows * 128)
-    model = make_model(randomize=True).train()
-    loss = model(tokens(2, 16), torch.full((2, 16), -1))
-    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss = model.train()(x, torch.full((2, 16), -1))  # nothing counted: 0, not NaN, finite gradients
     loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert loss.item() == 0.0 and all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def plain_loss_and_grads(model, x, y, reduction, weights):
@@ -136,73 +146,31 @@ def test_chunked_loss_and_grads_match_the_plain_computation(reduction, monkeypat
     loss = model(x, y, loss_reduction=reduction)
     assert rows == [5] * 6 + [2]
     (weights * loss).sum().backward()
-    assert sorted(rows[7:]) == [2] + [5] * 6  # backward recomputed every chunk (last one first)
+    assert sorted(rows[7:]) == [2] + [5] * 6  # backward recomputed every chunk
     assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5, msg="loss")
     for name, p in model.named_parameters():
         assert_close(p.grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_training_loss_keeps_no_logits_for_backward():
-    """Autograd must not hold (B*T, V) logits: the loss head is checkpointed."""
-    model = make_model().train()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        model(tokens(2, 16), tokens(2, 16, seed=2)).backward()
-    assert saved and not [shape for shape in saved if V in shape or 128 in shape]
-
-
-def test_eval_loss_is_chunked_without_checkpointing(monkeypatch):
-    model = make_model(randomize=True)
-    x, y = tokens(2, 16), tokens(2, 16, seed=2)
-    with torch.no_grad():
-        whole = model(x, y, loss_reduction="none")
-        monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", 7 * 128)
-        monkeypatch.setattr(model_module, "checkpoint", None)  # calling it would fail
-        chunked = model(x, y, loss_reduction="none")
-    assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
-
-
-def test_compiled_path_loss_is_one_piece_and_refuses_a_kv_cache(monkeypatch):
-    """What forward does while torch.compile traces it (simulated: the real trace is slow)."""
+def test_loss_keeps_no_logits_for_backward_and_is_one_piece_under_compile(monkeypatch):
+    """Autograd must not hold (B*T, V) logits (the head is checkpointed); without grad the chunks are
+    not checkpointed; under torch.compile (simulated) the loss is one piece with the same value."""
     model = make_model(randomize=True).train()
     x, y = tokens(2, 16), tokens(2, 16, seed=2)
-    chunked = model(x, y)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    monkeypatch.setattr(model_module, "checkpoint", None)  # no checkpoint under compile
-    assert_close(model(x, y), chunked, atol=1e-6, rtol=1e-6)
-    with pytest.raises(RuntimeError, match="torch.compile"):
-        model(x[:, :4], kv_cache=new_cache(model, 2))
-
-
-def test_compiled_model_refuses_a_kv_cache():
-    """A real dynamo trace (backend="eager": no code generation, a few seconds): a plain `raise`
-    would only make dynamo fall back to eager for the frame, silently."""
-    model = make_model(randomize=True)
-    compiled = torch.compile(model, backend="eager", dynamic=False)
-    x, y = tokens(2, 8), tokens(2, 8, seed=2)
-    try:
-        assert_close(compiled(x, y), model(x, y), atol=1e-6, rtol=1e-6)  # the one-piece loss head
-        with torch.no_grad():
-            cache = new_cache(model, 2)
-            with pytest.raises(RuntimeError, match="KV cache cannot be used under torch.compile"):
-                compiled(x[:, :4], kv_cache=cache)
-            assert cache.pos == 0
-    finally:
-        torch._dynamo.reset()
-
-
-def test_gqa_matches_repeated_kv_heads(monkeypatch):
-    model = make_model(tiny_config(n_head=4, n_kv_head=1), randomize=True)
-    x = tokens(2, 16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        chunked = model(x, y)
+        chunked.backward()
+    assert saved and not [shape for shape in saved if 128 in shape]
+    monkeypatch.setattr(model_module, "checkpoint", None)  # calling it would fail
     with torch.no_grad():
-        fast = model(x)
-        monkeypatch.setattr(model_module, "SDPA_HAS_GQA", False)
-        slow = model(x)
-    assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", 7 * 128)
+        assert_close(model(x, y), chunked.detach(), atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert_close(model(x, y), chunked, atol=1e-6, rtol=1e-6)
 
 
 def test_tiny_model_overfits_one_batch():
-    torch.manual_seed(0)
     model = make_model().train()
     optimizers = model.setup_optimizers()
     x, y = tokens(4, 16), tokens(4, 16, seed=2)
@@ -219,109 +187,83 @@ def test_tiny_model_overfits_one_batch():
 # --------------------------------------------------------------------------- KV cache
 
 
-def new_cache(model, B, seq_len=64, dtype=torch.float32):
-    c = model.config
-    return KVCache(B, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, "cpu", dtype)
+def windowed_model(n_kv_head):
+    """3 layers (value embeddings on 0 and 2; windows 128, 128, all) at context 512, every weight and
+    scalar random: smear, backout and the gates all act."""
+    return make_model(tiny_config(sequence_len=512, n_layer=3, n_kv_head=n_kv_head), randomize=True)
 
 
-@pytest.mark.parametrize("n_kv_head", [4, 1])
-def test_kv_cache_prefill_then_one_token_at_a_time(n_kv_head):
-    model = make_model(tiny_config(n_kv_head=n_kv_head), randomize=True)
-    x = tokens(2, 20)
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_cached_decode_equals_full_forward_with_every_part(n_kv_head):
+    """A 300-token sequence (longer than the 128 window): prefill in chunks into a cache that must
+    grow, plain one-token steps, then the fixed-shape decode_step over a cache with garbage past the
+    position; the logits are the full forward's."""
+    model = windowed_model(n_kv_head)
+    assert model.smear_lambda.abs() > 0.01 and model.backout_lambda.abs() > 0.01
+    x = tokens(2, 300)
     with torch.no_grad():
         full = model(x)
-        cache = new_cache(model, 2)
-        parts = [model(x[:, :7], kv_cache=cache)]
-        for t in range(7, 20):
-            parts.append(model(x[:, t:t + 1], kv_cache=cache))
-    assert cache.pos == 20
-    assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
-
-
-def test_kv_cache_chunks_and_growth():
-    model = make_model(randomize=True)
-    x = tokens(2, 30)
-    with torch.no_grad():
-        full = model(x)
-        cache = new_cache(model, 2, seq_len=8)  # too small: must grow twice
+        cache = KVCache(model.config, 2, 64, "cpu", torch.float32)
         parts, t = [], 0
-        for size in (5, 1, 4, 9, 1, 10):
+        for size in (70, 1, 190, 1, 1):
             parts.append(model(x[:, t:t + size], kv_cache=cache))
             t += size
-    assert cache.seq_len >= 30
-    assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
-    cache.reset()
-    assert cache.pos == 0
+        assert cache.pos == 263 and cache.seq_len >= 300 and cache.v.shape == cache.k.shape
+        cache.k[:, :, 263:].normal_(std=100.0)
+        cache.v[:, :, 263:].normal_(std=100.0)
+        for t in range(263, 300):
+            parts.append(model.decode_step(x[:, t:t + 1], cache, torch.tensor([t]))[:, None])
+    assert cache.pos == 263  # decode_step leaves the position to the caller
+    assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_smear_in_decoding_reads_the_cached_embedding():
+    """The cache keeps the last token's normalized embedding; the next token's logits depend on it
+    (zeroing it changes them), and a batch cache prefilled from a batch-1 one carries it over."""
+    model = windowed_model(2)
     with torch.no_grad():
-        again = model(x[:, :6], kv_cache=cache)
-    assert_close(again, full[:, :6], atol=1e-5, rtol=1e-5)
+        model.smear_lambda.fill_(2.0)
+        x = tokens(1, 10)
+        one = KVCache(model.config, 1, 16, "cpu", torch.float32)
+        model(x[:, :9], kv_cache=one)
+        assert_close(one.prev[0, 0], model_module.norm(model.wte(x[0, 8])))
+        many = KVCache(model.config, 3, 16, "cpu", torch.float32)
+        many.prefill_from(one)
+        assert many.pos == 9 and torch.equal(many.prev, one.prev.expand(3, 1, -1))
+        step = model(x[:, 9:].expand(3, 1), kv_cache=many)[:, -1]
+        assert_close(step, model(x)[:, -1].expand(3, -1), atol=1e-5, rtol=1e-5)
+        many.pos, many.prev = 9, torch.zeros_like(many.prev)
+        assert not torch.allclose(model(x[:, 9:].expand(3, 1), kv_cache=many)[:, -1], step, atol=1e-3)
 
 
-def test_kv_cache_expanded_from_one_prefill():
-    model = make_model(randomize=True)
-    prompt, continuations = tokens(1, 9), tokens(3, 5, seed=7)
-    with torch.no_grad():
-        one = new_cache(model, 1, seq_len=12)
-        model(prompt, kv_cache=one)
-        many = one.expand(3)
-        assert (many.batch_size, many.pos) == (3, 9)
-        got = torch.cat([model(continuations[:, t:t + 1], kv_cache=many) for t in range(5)], dim=1)
-        full = model(torch.cat([prompt.expand(3, -1), continuations], dim=1))[:, 9:]
-        other = new_cache(model, 3, seq_len=4)
-        other.prefill_from(one)  # into a smaller cache: grows
-        assert other.pos == 9 and torch.equal(other.k[:, 2, :, :9], one.k[:, 0, :, :9])
-    assert_close(got, full, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError):
-        model(tokens(2, 1), kv_cache=many)  # batch does not match the cache
-
-
-def test_rotary_tables_extend_past_precomputed_length():
+def test_rotary_tables_extend_and_meta_build_matches_direct():
     model = make_model(tiny_config(sequence_len=4), randomize=True)  # tables cover 40 positions
     x = tokens(1, 60)
     with torch.no_grad():
-        long = model(x)
-        short = model(x[:, :20])
+        assert_close(model(x)[:, :20], model(x[:, :20]), atol=1e-5, rtol=1e-5)
     assert model.cos.size(1) >= 60
-    assert_close(long[:, :20], short, atol=1e-5, rtol=1e-5)
-
-
-def test_build_on_meta_device_then_init():
     torch.manual_seed(0)
     direct = GPT(tiny_config())
     with torch.device("meta"):
         lazy = GPT(tiny_config())
     lazy.to_empty(device="cpu")
-    torch.manual_seed(123)
-    direct.init_weights()
-    torch.manual_seed(123)
-    lazy.init_weights()
+    for m in (direct, lazy):
+        torch.manual_seed(123)
+        m.init_weights()
     for (name, a), b in zip(direct.state_dict().items(), lazy.state_dict().values()):
         assert torch.equal(a, b), name
-    assert_close(lazy.cos, direct.cos)
-    x = tokens(2, 8)
-    assert_close(lazy(x), direct(x))
+    assert_close(lazy(tokens(2, 8)), direct(tokens(2, 8)))
 
 
-def test_autocast_bf16_forward_and_cache():
-    model = make_model(randomize=True)
-    x = tokens(1, 8)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        full = model(x)
-        cache = new_cache(model, 1, dtype=torch.bfloat16)
-        step = torch.cat([model(x[:, :4], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache) for t in range(4, 8)], 1)
-    assert full.dtype == torch.float32 and step.dtype == torch.float32
-    assert (full - step).abs().max() < 0.2 * full.abs().max()  # bf16: loose, but the same logits
-
-
-def test_autocast_keeps_residual_stream_and_attention_in_the_autocast_dtype(monkeypatch):
-    """CUDA autocast runs rms_norm in float32 (torch >= 2.12), CPU autocast does not: simulate it,
-    then check that the residual stream, q, k, v and the cached keys/values all stay bf16."""
+def test_autocast_keeps_the_stream_attention_and_cache_in_bf16(monkeypatch):
+    """CUDA autocast runs rms_norm in float32 (torch >= 2.12), CPU autocast does not: simulate it;
+    the residual stream, q, k, v and the cache stay bf16, the logits float32 and close to the
+    one-token steps'."""
     norm = model_module.norm
     monkeypatch.setattr(model_module, "norm", lambda x: norm(x.float()))
     seen = []
-    attention = model_module.attention
-    monkeypatch.setattr(model_module, "attention", lambda q, k, v: seen.append((q.dtype, k.dtype, v.dtype)) or
-                        attention(q, k, v))
+    monkeypatch.setattr(model_module, "attention", lambda q, k, v, *a: seen.append((q.dtype, k.dtype, v.dtype))
+                        or attention(q, k, v, *a))
     model = make_model(randomize=True)
     residual = []
     for block in model.blocks:
@@ -329,89 +271,107 @@ def test_autocast_keeps_residual_stream_and_attention_in_the_autocast_dtype(monk
     x = tokens(1, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         full = model(x)
-        cache = new_cache(model, 1, dtype=torch.bfloat16)
+        cache = KVCache(model.config, 1, 16, "cpu", torch.bfloat16)
         step = torch.cat([model(x[:, :4], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache) for t in range(4, 8)], 1)
-    assert len(seen) == 6 * 2 and set(seen) == {(torch.bfloat16,) * 3}
-    assert len(residual) == 6 * 2 and set(residual) == {torch.bfloat16}
-    assert cache.k.dtype == torch.bfloat16 and full.dtype == step.dtype == torch.float32
+    assert set(seen) == {(torch.bfloat16,) * 3} and set(residual) == {torch.bfloat16} and len(seen) == 2 * 6
+    assert full.dtype == step.dtype == torch.float32
     assert (full - step).abs().max() < 0.2 * full.abs().max()
 
 
-def test_float32_forward_is_unchanged_by_the_autocast_casts():
-    """Without autocast nothing is cast: the logits are bitwise those of the ops written out."""
+def test_positions_returns_the_logits_of_those_positions_only():
     model = make_model(randomize=True)
-    x = tokens(2, 8)
-    with torch.no_grad():
-        h = model_module.norm(model.wte(x))
-        cos, sin = model.cos[:, :8], model.sin[:, :8]
-        for block in model.blocks:
-            h = block(h, cos, sin, None)
-        logits = model.lm_head(model_module.norm(h))[..., :V]
-        expected = 15.0 * torch.tanh(logits / 15.0)
-        assert torch.equal(model(x), expected)
+    idx, positions = tokens(3, 10), torch.tensor([9, 0, 4])
+    full = model(idx)
+    picked = model(idx, positions=positions)
+    assert picked.shape == (3, V)
+    assert_close(picked, full[torch.arange(3), positions], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(picked[1:], full[1:, -1], atol=1e-2)  # other positions give other logits
+
+
+def test_rotary_encodes_relative_positions():
+    """Position 0 is the identity, norms are kept, and a query-key score depends only on m - n."""
+    D = 16
+    cos, sin = model_module.rotary_tables(64, D)
+    q, k = torch.randn(2, 1, 1, 1, D, dtype=torch.float64).unbind(0)
+    at = lambda x, pos: model_module.apply_rotary(x, cos[:, pos:pos + 1].double(), sin[:, pos:pos + 1].double())
+    assert_close(at(q, 0), q, atol=1e-12)
+    assert_close(at(q, 37).norm(), q.norm(), atol=1e-9)
+    score = lambda m, n: (at(q, m) * at(k, n)).sum()
+    for m, n, shift in ((5, 2, 30), (0, 9, 11), (40, 40, 3)):
+        assert_close(score(m, n), score(m + shift, n + shift), atol=1e-9)
+    assert (score(5, 2) - score(6, 2)).abs() > 1e-3
 
 
 # --------------------------------------------------------------------------- accounting, optimizers
 
 
 def test_num_params_and_flops_by_hand():
-    model = make_model(tiny_config(n_head=2, n_kv_head=1))  # head_dim 32, kv width 32
+    model = make_model(tiny_config(n_head=2, n_kv_head=1, window_pattern="S"))  # head_dim 32, kv width 32
     per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 64 * 256 + 256 * 64  # q, k, v, proj, fc, proj
-    embedding, lm_head = 128 * 64, 128 * 64
-    assert model.num_params() == dict(embedding=embedding, other=2 * per_layer + lm_head,
-                                      total=embedding + 2 * per_layer + lm_head)
-    assert model.estimate_flops() == 6 * (2 * per_layer + lm_head) + 12 * 2 * 2 * 32 * 16
+    embedding = 128 * 64 + 128 * 32  # wte, one value embedding (layer 1)
+    scaling = 2 * per_layer + 12 * 1 + 128 * 64  # + the value gate, lm_head
+    scalars = 2 + 2 + 24 + 1 + 1  # resid, x0, smear gate, smear, backout
+    assert model.num_params() == dict(embedding=embedding, scaling=scaling, total=embedding + scaling + scalars)
+    assert model.estimate_flops() == 6 * (scaling + scalars) + 12 * 64 * (16 + 16)  # window 128 > 16 keys
 
 
-def test_setup_optimizers_covers_every_param_once():
-    model = make_model()
-    adamw, muon = model.setup_optimizers(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.1)
+def test_setup_optimizers_groups():
+    """Every parameter once; AdamW groups with their own fixed decay and betas; the weight_decay
+    argument reaches Muon only."""
+    model = make_model(tiny_config(n_layer=3))
+    adamw, muon = model.setup_optimizers(unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.1)
     seen = [p for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
     assert len(seen) == len(set(map(id, seen))) == len(list(model.parameters()))
     scale = (64 / 768) ** -0.5
-    lrs = {id(g["params"][0]): g["lr"] for g in adamw.param_groups}
-    assert lrs[id(model.lm_head.weight)] == pytest.approx(0.004 * scale)
-    assert lrs[id(model.wte.weight)] == pytest.approx(0.2 * scale)
-    assert all(g["lr"] == 0.02 and g["momentum"] == 0.95 for g in muon.param_groups)
-    for opt in (adamw, muon):
-        assert all(g["initial_lr"] == g["lr"] and g["weight_decay"] == 0.1 for g in opt.param_groups)
-    assert not any(p is model.wte.weight or p is model.lm_head.weight for g in muon.param_groups for p in g["params"])
+    groups = {id(g["params"][0]): (g["lr"], g["betas"], g["weight_decay"]) for g in adamw.param_groups}
+    assert groups[id(model.lm_head.weight)] == (pytest.approx(0.008 * scale), (0.8, 0.96), 0.01)
+    assert groups[id(model.wte.weight)] == (pytest.approx(0.3 * scale), (0.8, 0.995), 0.001)
+    assert groups[id(model.value_embeds["0"].weight)] == (pytest.approx(0.15 * scale), (0.8, 0.995), 0.01)
+    assert groups[id(model.resid_lambdas)] == (pytest.approx(0.005), (0.8, 0.95), 0.05)
+    assert groups[id(model.x0_lambdas)] == (0.5, (0.96, 0.95), 0.0)
+    assert groups[id(model.smear_gate.weight)] == (0.2, (0.8, 0.95), 0.0)
+    assert len(adamw.param_groups) == 6
+    assert all(g["lr"] == 0.02 and g["weight_decay"] == 0.1 for g in muon.param_groups)
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == {id(p) for p in model.blocks.parameters()}
+    assert all(g["initial_lr"] == g["lr"] for opt in (adamw, muon) for g in opt.param_groups)
 
 
-def test_positions_returns_the_logits_of_those_positions_only():
-    # random weights everywhere: at init the zero output projections would make every position's
-    # logits depend on its own token only
-    model = make_model(GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=2, n_kv_head=1, n_embd=32),
-                       randomize=True)
-    idx = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(1))
-    positions = torch.tensor([9, 0, 4])
-    full = model(idx)
-    picked = model(idx, positions=positions)
-    assert picked.shape == (3, 100)
-    assert_close(picked, full[torch.arange(3), positions], atol=1e-5, rtol=1e-5)
-    # the check tells positions apart: other positions of the same rows give other logits
-    assert not torch.allclose(picked[1:], full[1:, -1], atol=1e-2)
-    assert not torch.allclose(picked[2], full[2, 3], atol=1e-2)
+# --------------------------------------------------------------------------- the attention kernel
 
 
-def test_rotary_encodes_relative_positions():
-    """Rotary: position 0 is the identity, norms are kept, and the score of a query at position m
-    with a key at position n depends only on m - n (the property attention relies on)."""
-    D = 16
-    cos, sin = model_module.rotary_tables(64, D)
-    q, k = torch.randn(2, 1, 1, 1, D, dtype=torch.float64).unbind(0)  # (B, T, H, D) = (1, 1, 1, D)
+def fake_kernels(monkeypatch, flash_attn_func):
+    kernels = types.ModuleType("kernels")
+    interface = types.SimpleNamespace(flash_attn_func=flash_attn_func)
+    kernels.get_kernel = lambda name: types.SimpleNamespace(flash_attn_interface=interface)
+    monkeypatch.setitem(sys.modules, "kernels", kernels)
 
-    def at(x, pos):
-        return model_module.apply_rotary(x, cos[:, pos:pos + 1].double(), sin[:, pos:pos + 1].double())
 
-    assert_close(at(q, 0), q, atol=1e-12)
-    assert_close(at(q, 37).norm(), q.norm(), atol=1e-9)
-    score = lambda m, n: (at(q, m) * at(k, n)).sum()
-    for m, n, shift in ((5, 2, 30), (0, 9, 11), (40, 40, 3)):
-        assert_close(score(m, n), score(m + shift, n + shift), atol=1e-9)
-    assert (score(5, 2) - score(6, 2)).abs() > 1e-3  # but it does depend on the offset
-    # and it turns the way every checkpoint was trained with: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)
-    x = torch.randn(1, 64, 1, D, dtype=torch.float64)
-    c, s = cos[..., : D // 2].double(), sin[..., : D // 2].double()
-    x1, x2 = x[..., : D // 2], x[..., D // 2:]
-    assert_close(model_module.apply_rotary(x, cos, sin), torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1), atol=1e-12)
+def test_flash_attention_guard_falls_back_to_sdpa(monkeypatch, capsys):
+    """FA3 is taken only when `kernels` imports AND its test call gives SDPA's answer."""
+    monkeypatch.setitem(sys.modules, "kernels", None)  # import fails
+    fa3, why = attention_module.try_flash_attention("cpu")
+    assert fa3 is None and why.startswith(("ImportError", "ModuleNotFoundError")), why
+
+    def crashes(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    fake_kernels(monkeypatch, crashes)
+    fa3, why = attention_module.try_flash_attention("cpu")
+    assert fa3 is None and "no kernel image" in why
+    fake_kernels(monkeypatch, lambda q, k, v, **kw: torch.zeros_like(q))  # runs, but computes nonsense
+    assert attention_module.try_flash_attention("cpu")[0] is None
+
+    def sdpa_like(q, k, v, causal, softmax_scale, window_size):
+        assert causal and softmax_scale == pytest.approx(1.44 / 8)
+        return attention(q, k, v, window_size[0] + 1, torch.arange(q.size(1)))
+
+    fake_kernels(monkeypatch, sdpa_like)
+    assert attention_module.try_flash_attention("cpu")[0] is not None  # a working kernel is taken
+    # said once per process, on CUDA only
+    monkeypatch.setattr(attention_module, "try_flash_attention", lambda device: (None, "ImportError: no kernels"))
+    monkeypatch.setattr(attention_module, "_attention_said", False)
+    attention_module.init_attention("cpu")
+    attention_module.init_attention("cuda")
+    attention_module.init_attention("cuda")
+    assert capsys.readouterr().out == "attention: SDPA (no FA3: ImportError: no kernels)\n"
+    assert attention_module.FLASH_ATTENTION is None
