@@ -143,11 +143,13 @@ def resolve_device(name: str | None) -> str:
     import torch
 
     name = name or autodetect_device()
-    visible = {"cpu": True, "cuda": torch.cuda.is_available(),
-               "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
-    if not visible.get(name.split(":")[0]):
-        raise UserError(f"--device {name}: " + (f"no {name.split(':')[0]} device is visible here"
-                                                  if name.split(":")[0] in visible else "use cuda, cpu or mps"))
+    kind = name.split(":")[0]
+    missing = {"cpu": None, "cuda": None if torch.cuda.is_available() else "no CUDA GPU is visible",
+               "mps": None if torch.backends.mps.is_available() else "MPS is not available here"}
+    if kind not in missing:
+        raise UserError(f"--device {name!r} is not a device: use cuda, cpu or mps")
+    if missing[kind]:
+        raise UserError(f"--device {name} was asked for but {missing[kind]}")
     return name
 
 

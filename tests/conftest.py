@@ -21,27 +21,30 @@ def assert_close(actual, expected, atol=1e-5, rtol=1e-5, msg=""):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """One base dir for the whole test session, made by the real stages: the stdlib-docs shards, a
-    512-token tokenizer, and a tiny model trained a few steps as base "d2" (30 steps), then mid
-    (20 steps) and sft (10 steps), with their report sections. Read it; write into `base_dir`."""
+    """One base dir for the whole test session, made by the real stages: the stdlib-docs shards (built
+    where test_dataset.py builds them), a 512-token tokenizer, and a tiny model trained as base "d2"
+    (20 steps), then mid (12 steps) and sft (6 steps), with their report sections. Read it; write into
+    a `base_dir`."""
     import base_train
     import chat_sft
     import dataset
     import mid_train
     from tokenizer import Tokenizer, save_token_bytes
 
-    root = tmp_path_factory.mktemp("trained")
+    root, stdlib = tmp_path_factory.mktemp("trained"), tmp_path_factory.getbasetemp() / "stdlib-docs-base"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPEEDCHAT_BASE_DIR", str(root))
+        mp.setenv("SPEEDCHAT_BASE_DIR", str(stdlib))
         dataset.ensure_source("stdlib-docs")
+        (root / "data").symlink_to(stdlib / "data")
+        mp.setenv("SPEEDCHAT_BASE_DIR", str(root))
         tok = Tokenizer.train_from_iterator(itertools.islice(dataset.iter_documents("stdlib-docs", "train"), 1000), 512)
         tok.save(root / "tokenizer")
         save_token_bytes(tok, root / "tokenizer")
         base_train.main(TINY_MODEL + ["--device-batch-size", "4", "--total-batch-size", "1024", "--num-iterations",
-                                      "30", "--eval-every", "15", "--eval-tokens", "2048", "--sample-every", "-1"])
-        mid_train.main(CHAT + ["--device-batch-size", "4", "--total-batch-size", "1024", "--num-iterations", "20",
-                               "--eval-every", "10", "--eval-tokens", "2048"])
-        chat_sft.main(CHAT + ["--device-batch-size", "4", "--examples-per-step", "8", "--num-iterations", "10",
+                                      "20", "--eval-every", "10", "--eval-tokens", "2048", "--sample-every", "-1"])
+        mid_train.main(CHAT + ["--device-batch-size", "4", "--total-batch-size", "1024", "--num-iterations", "12",
+                               "--eval-every", "6", "--eval-tokens", "2048"])
+        chat_sft.main(CHAT + ["--device-batch-size", "4", "--examples-per-step", "8", "--num-iterations", "6",
                               "--eval-examples", "32"])
     return root
 
