@@ -298,7 +298,9 @@ def evaluate(args, rank, world_size, device):
             "results": {n: {"acc": r["acc"], "se": r["se"], "correct": r["correct"], "total": r["total"]}
                         for n, r in results.items()},
             "chatcore": chatcore, "chatcore_se": chatcore_se, "chatcore_tasks": list(results), "skipped": skipped,
-            "seconds": time.time() - t0})
+            "seconds": time.time() - t0},
+            text="\n".join(f"- {n}: {r['acc']:.4f} ± {r['se']:.4f} ({r['correct']}/{r['total']})"
+                           for n, r in results.items()))
     return {"results": results, "chatcore": chatcore, "chatcore_se": chatcore_se, "skipped": skipped}
 
 

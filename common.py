@@ -6,7 +6,6 @@ import argparse
 import os
 import random
 import sys
-import time
 import tempfile
 import contextlib
 from pathlib import Path
@@ -27,13 +26,9 @@ def get_base_dir() -> Path:
 # Printing, errors, timing
 
 
-def get_rank() -> int:
-    return int(os.environ.get("RANK", 0))
-
-
 def print0(*args, **kwargs):
     """print() on rank 0 only (every rank when not under torchrun)."""
-    if get_rank() == 0:
+    if int(os.environ.get("RANK", 0)) == 0:
         kwargs.setdefault("flush", True)
         print(*args, **kwargs)
 
@@ -42,20 +37,16 @@ class UserError(Exception):
     """Bad input or a missing prerequisite: shown as one line, never a traceback."""
 
 
-def die(message: str, code: int = 1):
-    """Stop with a one-line message that says what to do."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
 def run_main(main):
     """Run a script's main(), turning a UserError into a one-line message and exit code 1."""
     try:
         main()
     except UserError as e:
-        die(str(e))
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except KeyboardInterrupt:
-        die("interrupted", code=130)
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def format_seconds(seconds: float) -> str:
@@ -67,14 +58,6 @@ def format_seconds(seconds: float) -> str:
         return f"{minutes}m{s:02d}s"
     hours, m = divmod(minutes, 60)
     return f"{hours}h{m:02d}m"
-
-
-@contextlib.contextmanager
-def timed(label: str, printer=print0):
-    """`with timed("tokenizing"):` prints how long the block took."""
-    t0 = time.perf_counter()
-    yield
-    printer(f"{label}: {format_seconds(time.perf_counter() - t0)}")
 
 
 # ---------------------------------------------------------------------------
@@ -188,10 +171,6 @@ def peak_flops(device, dtype):
     return next((flops for key, flops in GPU_PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def is_distributed() -> bool:
-    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-
-
 def compute_init(device_type: str | None = None, seed: int = 42):
     """Set up the device and, under torchrun, the process group.
     Returns (ddp, rank, local_rank, world_size, device). One process without
@@ -204,7 +183,7 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ddp = is_distributed()
+    ddp = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))  # started by torchrun
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -224,7 +203,7 @@ def compute_init(device_type: str | None = None, seed: int = 42):
 def compute_cleanup():
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.destroy_process_group()
 
 

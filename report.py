@@ -96,11 +96,10 @@ def _run(cmd: list[str]) -> str:
         return ""
 
 
-def git_info() -> dict:
-    repo = Path(__file__).resolve().parent
-    commit = _run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]) or "unknown"
-    dirty = bool(_run(["git", "-C", str(repo), "status", "--porcelain"]))
-    return {"commit": commit, "dirty": dirty}
+def git_commit() -> str:
+    repo = str(Path(__file__).resolve().parent)
+    commit = _run(["git", "-C", repo, "rev-parse", "--short", "HEAD"]) or "unknown"
+    return commit + (" (dirty)" if _run(["git", "-C", repo, "status", "--porcelain"]) else "")
 
 
 def code_metrics() -> dict:
@@ -120,7 +119,7 @@ def code_metrics() -> dict:
         deps = len(tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"])
     except ImportError:  # Python 3.10 has no tomllib
         deps = None
-    return {"characters": chars, "lines": lines, "files": files, "tokens_approx_chars_per_4": chars // 4,
+    return {"characters": chars, "lines": lines, "files": files, "approx_tokens": chars // 4,
             "dependencies": deps}
 
 
@@ -153,12 +152,11 @@ def reset(gpu_hour_usd: float):
     for path in report_dir().glob("*"):
         if path.is_file():
             path.unlink()
-    git = git_info()
     import torch
 
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     write_section("header", "speedchat run", {
-        "start_time": time.time(), "git_commit": git["commit"] + (" (dirty)" if git["dirty"] else ""),
+        "start_time": time.time(), "git_commit": git_commit(),
         **machine_info(), "num_gpus": num_gpus, "gpu_hour_usd": gpu_hour_usd, "code": code_metrics()})
     print0(f"new report started in {report_dir()}")
 

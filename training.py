@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 import checkpoint
 from tasks.mixtures import data_paths, mixture, resolve_preset
+from tokenizer import get_token_bytes, get_tokenizer
 from common import (FRACTION, POSITIVE, POSITIVE_OR_ALL, POSITIVE_RATE, RATE, STEP, UserError, compute_cleanup,
                     compute_init, distributed, format_seconds, get_rng_state, global_mean, init_wandb, peak_flops,
                     print0, set_rng_state, sum_over_ranks, training_dtype)
@@ -169,8 +170,7 @@ def chat_tag(args, stage):
 
 
 def source_identity(stage, tag, step):
-    """What a run records about the checkpoint it starts from. The hash of that checkpoint's meta
-    tells a retrained one from the one it replaced (losses and timings differ between any two runs)."""
+    """The checkpoint a run starts from; its meta's hash tells a retrained one from the one it replaced."""
     meta = checkpoint._meta_path(checkpoint.checkpoint_dir(stage, tag), step).read_bytes()
     return {"stage": stage, "tag": tag, "step": step, "fingerprint": hashlib.sha256(meta).hexdigest()[:16]}
 
@@ -249,7 +249,8 @@ class Run:
         if args.resume and (not tag or checkpoint.find_last_step(self.ckpt_dir) is None):
             raise UserError(f"--resume: no {stage} checkpoint under {self.ckpt_dir}: run `python -m "
                             f"{checkpoint.STAGE_SCRIPTS[stage]}` without --resume to start fresh (or check --model-tag)")
-        # (one trainer per checkpoint folder: the folder's lock is taken here, before anything reads or clears it)
+        # one trainer per checkpoint folder: checkpoint.acquire_lock(stage, tag) belongs here, before anything
+        # below reads or clears the folder
         self.ddp, self.rank, _, self.world_size, self.device = compute_init(args.device, seed=args.seed)
         try:
             self._start()
@@ -266,8 +267,6 @@ class Run:
         self.val_bpb, self.min_val_bpb = None, float("inf")
         self.curve = {"step": [], "loss": [], "val_step": [], "val_bpb": []}
         self.resumed, self.stale = None, False
-        from tokenizer import get_token_bytes, get_tokenizer
-
         self.tokenizer, self.token_bytes = get_tokenizer(), get_token_bytes(self.device)
         if args.resume:
             step = args.resume_step if args.resume_step >= 0 else None
@@ -441,8 +440,7 @@ class Run:
         print0(f"done: {self.step} steps in {format_seconds(self.training_time)} | "
                f"min validation bpb {self.min_val_bpb:.4f}")
         self.wandb.finish()
-        return {"step": self.step, "val_bpb": self.val_bpb, "min_val_bpb": self.min_val_bpb, "curve": self.curve,
-                "tag": self.tag}
+        return dict(step=self.step, val_bpb=self.val_bpb, min_val_bpb=self.min_val_bpb, curve=self.curve, tag=self.tag)
 
 
 def every(n, step):

@@ -227,9 +227,8 @@ def test_conversations_pack_with_their_loss_masks():
         supervised = y >= 0
         assert (y[supervised] == answer).all()  # only the assistant's tokens are targets ...
         assert torch.equal(x[:, 1:] == answer, supervised[:, :-1])  # ... every one of them, the next token
-    for row in (r for rows in rows_of(batches) for r in rows):
-        starts = [i for i, t in enumerate(row) if t == BOS]
-        assert starts[0] == 0 and all(row[i + 1] >= TAG for i in starts if i + 1 < len(row))  # whole conversations
+    for row in (r for x, _ in batches for r in x.tolist()):  # each conversation starts whole: BOS, its tag
+        assert all(row[i + 1] >= TAG for i, t in enumerate(row[:-1]) if t == BOS)
     state = json.loads(json.dumps(loader.state_dict()))
     assert state["docs"] == loader.taken > 0
     expected = take(loader, 4)
