@@ -41,17 +41,17 @@ def report_dir() -> Path:
 
 def write_section(name: str, title: str, data: dict, text: str = ""):
     """Write one stage's section from `data`: report.md shows each number or string as a
-    `- key: value` line, and a dict of them as indented lines (anything deeper, such as curves or
-    per-task results, only in the JSON: a stage shows those in `text`, free markdown that follows).
-    The JSON beside it keeps `data` whole, for the summary table and the plots."""
+    `- key: value` line, and each entry of a dict of them as `- entry key: value` ({"bpb": {"val":
+    0.81}} -> "- val bpb: 0.8100"); anything deeper, such as curves or per-task results, only in the
+    JSON (a stage shows those in `text`, markdown that follows). The JSON beside it keeps `data`
+    whole, for the summary table and the plots."""
     flat = lambda v: not isinstance(v, (dict, list, tuple))  # noqa: E731
     lines = [f"## {title}", ""]
     for key, value in data.items():
         if flat(value):
-            lines.append(f"- {key.replace('_', ' ')}: {shown(key, value)}")
-        elif isinstance(value, dict) and value and all(map(flat, value.values())):
-            lines += [f"- {key.replace('_', ' ')}:"] + [f"  - {k.replace('_', ' ')}: {shown(k, v)}"
-                                                        for k, v in value.items()]
+            value = {"": value}  # one entry without a name
+        if isinstance(value, dict) and all(map(flat, value.values())):
+            lines += [f"- {f'{entry} {key}'.strip().replace('_', ' ')}: {shown(key, v)}" for entry, v in value.items()]
     if text:
         lines += ["", text.rstrip()]
     atomic_write(report_dir() / f"{name}.md", "\n".join(lines) + "\n")
@@ -119,7 +119,7 @@ def code_metrics() -> dict:
         deps = len(tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"])
     except ImportError:  # Python 3.10 has no tomllib
         deps = None
-    return {"characters": chars, "lines": lines, "files": files, "approx_tokens": chars // 4,
+    return {"code_characters": chars, "code_lines": lines, "code_files": files, "code_tokens_approx": chars // 4,
             "dependencies": deps}
 
 
@@ -157,7 +157,7 @@ def reset(gpu_hour_usd: float):
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     write_section("header", "speedchat run", {
         "start_time": time.time(), "git_commit": git_commit(),
-        **machine_info(), "num_gpus": num_gpus, "gpu_hour_usd": gpu_hour_usd, "code": code_metrics()})
+        **machine_info(), "num_gpus": num_gpus, "gpu_hour_usd": gpu_hour_usd, **code_metrics()})
     print0(f"new report started in {report_dir()}")
 
 

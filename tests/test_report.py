@@ -86,7 +86,7 @@ def test_a_section_shows_its_numbers_and_keeps_them_whole(base_dir):
     report.write_section("base-train", "Base model training", data, text="free text")
     assert (base_dir / "report" / "base-train.md").read_text() == (
         "## Base model training\n\n- steps: 12,000\n- val bpb: 0.8123\n- flops: 3.200e+18\n- training seconds: 1h02m\n"
-        "- mfu: -\n- fp8: on\n- bpb:\n  - train: 0.8000\n  - val: 0.9000\n\nfree text\n")
+        "- mfu: -\n- fp8: on\n- train bpb: 0.8000\n- val bpb: 0.9000\n\nfree text\n")
     assert report.read_data("base-train") == data  # lists and nested numbers stay in the JSON
 
 
