@@ -206,23 +206,10 @@ def test_full_preset_mixture_from_local_copies(tmp_path):
 # chat_eval
 
 
-class MCTask:
+class MCTask(list):
     """Multiple-choice questions with known answers (the shape tasks.common.mc_conversation makes)."""
 
-    eval_type = "categorical"
-    name = "FakeMC"
-
-    def __init__(self, n):
-        from tasks.common import mc_conversation
-
-        self.items = [mc_conversation("Which one? " + "really " * (i % 4), ["red", "green", "blue", "cyan"], i % 4)
-                      for i in range(n)]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+    eval_type, name = "categorical", "FakeMC"
 
     def evaluate(self, conversation, completion):
         return completion == conversation["messages"][-1]["content"]
@@ -236,7 +223,7 @@ class LetterModel(torch.nn.Module):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.vocab = tokenizer.get_vocab_size()
-        self.answers = {tuple(tokenizer.render_for_completion(c)): tokenizer.encode(pick(c))[0] for c in task.items}
+        self.answers = {tuple(tokenizer.render_for_completion(c)): tokenizer.encode(pick(c))[0] for c in task}
 
     def forward(self, idx, positions=None):
         if positions is not None:  # the answer position of each row, as chat_eval asks for it
@@ -251,7 +238,10 @@ class LetterModel(torch.nn.Module):
 
 
 def test_categorical_scores_right_and_wrong_letters(tokenizer):
-    task = MCTask(10)
+    from tasks.common import mc_conversation
+
+    task = MCTask(mc_conversation("Which one? " + "really " * (i % 4), ["red", "green", "blue", "cyan"], i % 4)
+                  for i in range(10))
     right = lambda c: c["messages"][-1]["content"]  # noqa: E731
     wrong = lambda c: "ABCD"[("ABCD".index(right(c)) + 1) % 4]  # noqa: E731
     for pick, expected in ((right, 10), (wrong, 0)):
