@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import core_eval
-from base_train import default_eval_tokens, evaluate_bpb, sample_greedy
+from training import default_eval_tokens, evaluate_bpb, sample_greedy
 from common import (UserError, compute_cleanup, compute_init, format_seconds, get_base_dir, get_dtype, print0,
                     run_main)
 
@@ -127,28 +127,24 @@ def core_table(results) -> str:
 
 
 def write_report(args, tag, step, results, summary, bpb, samples, n_tasks, references=None):
-    items = {"model": f"{args.source}/{tag} step {step}"}
-    data = {"source": args.source, "tag": tag, "step": step,
-            "max_per_task": None if args.max_per_task < 0 else args.max_per_task}
+    section = {"model": f"{args.source}/{tag} step {step}", "source": args.source, "tag": tag, "step": step,
+               "max_per_task": None if args.max_per_task < 0 else args.max_per_task}
     text = []
     if results is not None:
-        items["CORE"] = core_eval.core_line(summary, n_tasks).removeprefix("CORE: ")
-        if args.max_per_task >= 0:
-            items["CORE subset"] = f"at most {args.max_per_task} items per task"
-        data.update(core=summary["core"], core_se=summary["core_se"], core_partial=summary["partial"],
-                    core_tasks=summary["tasks"], missing_tasks=summary["missing"], results=results)
+        section["CORE"] = core_eval.core_line(summary, n_tasks).removeprefix("CORE: ")
+        section.update(core=summary["core"], core_se=summary["core_se"], core_partial=summary["partial"],
+                       core_tasks=summary["tasks"], missing_tasks=summary["missing"], results=results)
         for name, core in (references or {}).items():
-            items[f"{name} CORE, same tasks (reference)"] = core
+            section[f"{name} CORE, same tasks (reference)"] = core
         text.append(core_table(results))
     if bpb is not None:
-        items["train bpb"], items["val bpb"] = bpb["train"], bpb["val"]
-        data["bpb"] = bpb
+        section["bpb"] = bpb
     if samples is not None:
-        data["samples"] = samples
+        section["samples"] = samples
         text.append("Greedy samples:\n\n" + "\n".join(f"- `{s!r}`" for s in samples))
     from report import write_section
 
-    write_section("base-eval", "Base model evaluation", items, text="\n\n".join(text), data=data)
+    write_section("base-eval", "Base model evaluation", section, text="\n\n".join(text))
 
 
 # ---------------------------------------------------------------------------

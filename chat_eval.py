@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from common import (UserError, compute_cleanup, compute_init, format_seconds, get_dtype, print0,
                     run_main)
-from mid_train import add_data_flags, arc_path, data_paths, resolve_preset
+from tasks.mixtures import add_data_flags, arc_path, data_paths, resolve_preset
 from report import CHATCORE_TASKS
 
 TASK_NAMES = CHATCORE_TASKS + ["Arithmetic"]
@@ -290,24 +290,17 @@ def evaluate(args, rank, world_size, device):
     if rank == 0:
         import report
 
-        items = {"model": f"{args.source} {meta['tag']} step {meta['step']}", "preset": preset}
-        if args.num_samples > 1:
-            items["samples per problem"] = f"{args.num_samples} (pass@{args.num_samples}, temperature {args.temperature})"
-        if args.max_problems >= 0:
-            items["max problems per task"] = args.max_problems
-        for name, r in results.items():
-            items[name] = f"{r['acc']:.4f} ± {r['se']:.4f} ({r['correct']}/{r['total']})"
-        items["ChatCORE"] = f"{chatcore:.4f} ± {chatcore_se:.4f} (over {', '.join(results)})"
-        for name, reason in skipped.items():
-            items[f"{name} (skipped)"] = reason
-        items["time"] = format_seconds(time.time() - t0)
-        data = {"results": {n: {"acc": r["acc"], "se": r["se"]} for n, r in results.items()},
-                "counts": {n: [r["correct"], r["total"]] for n, r in results.items()},
-                "skipped": skipped, "seconds": time.time() - t0, "tag": meta["tag"], "step": meta["step"],
-                "num_samples": args.num_samples, "max_problems": None if args.max_problems < 0 else args.max_problems}
-        data.update(chatcore=chatcore, chatcore_se=chatcore_se, chatcore_tasks=list(results))
         title = {"mid": "Chat evaluation: mid-trained model", "sft": "Chat evaluation: SFT model"}[args.source]
-        report.write_section(f"chat-eval-{args.source}", title, items, data=data)
+        report.write_section(f"chat-eval-{args.source}", title, {
+            "model": f"{args.source} {meta['tag']} step {meta['step']}", "preset": preset, "tag": meta["tag"],
+            "step": meta["step"], "num_samples": args.num_samples, "temperature": args.temperature,
+            "max_problems": None if args.max_problems < 0 else args.max_problems,
+            "results": {n: {"acc": r["acc"], "se": r["se"], "correct": r["correct"], "total": r["total"]}
+                        for n, r in results.items()},
+            "chatcore": chatcore, "chatcore_se": chatcore_se, "chatcore_tasks": list(results), "skipped": skipped,
+            "seconds": time.time() - t0},
+            text="\n".join(f"- {n}: {r['acc']:.4f} ± {r['se']:.4f} ({r['correct']}/{r['total']})"
+                           for n, r in results.items()))
     return {"results": results, "chatcore": chatcore, "chatcore_se": chatcore_se, "skipped": skipped}
 
 

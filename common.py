@@ -1,9 +1,11 @@
 """Shared plumbing for every stage: the base dir, device and dtype, distributed
-init/teardown, rank-0 printing, timing, atomic writes and clear fatal errors."""
+init/teardown, rank-0 printing, timing, atomic writes, clear fatal errors, argparse range
+types, sums over ranks and RNG state."""
 
+import argparse
 import os
+import random
 import sys
-import time
 import tempfile
 import contextlib
 from pathlib import Path
@@ -24,13 +26,9 @@ def get_base_dir() -> Path:
 # Printing, errors, timing
 
 
-def get_rank() -> int:
-    return int(os.environ.get("RANK", 0))
-
-
 def print0(*args, **kwargs):
     """print() on rank 0 only (every rank when not under torchrun)."""
-    if get_rank() == 0:
+    if int(os.environ.get("RANK", 0)) == 0:
         kwargs.setdefault("flush", True)
         print(*args, **kwargs)
 
@@ -39,20 +37,16 @@ class UserError(Exception):
     """Bad input or a missing prerequisite: shown as one line, never a traceback."""
 
 
-def die(message: str, code: int = 1):
-    """Stop with a one-line message that says what to do."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
 def run_main(main):
     """Run a script's main(), turning a UserError into a one-line message and exit code 1."""
     try:
         main()
     except UserError as e:
-        die(str(e))
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except KeyboardInterrupt:
-        die("interrupted", code=130)
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def format_seconds(seconds: float) -> str:
@@ -64,14 +58,6 @@ def format_seconds(seconds: float) -> str:
         return f"{minutes}m{s:02d}s"
     hours, m = divmod(minutes, 60)
     return f"{hours}h{m:02d}m"
-
-
-@contextlib.contextmanager
-def timed(label: str, printer=print0):
-    """`with timed("tokenizing"):` prints how long the block took."""
-    t0 = time.perf_counter()
-    yield
-    printer(f"{label}: {format_seconds(time.perf_counter() - t0)}")
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +107,9 @@ def _fsync_dir(directory):
 # ---------------------------------------------------------------------------
 # Device, dtype, distributed
 
+# dense bf16 peak FLOP/s per GPU, for MFU; matched against torch.cuda.get_device_name()
+GPU_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
+
 
 def autodetect_device() -> str:
     import torch
@@ -133,23 +122,17 @@ def autodetect_device() -> str:
 
 
 def resolve_device(name: str | None) -> str:
-    """The --device a script was given (None: autodetect), checked: a one-line UserError for a
-    device that is not there or not a device, instead of a confusing failure later."""
+    """The --device a script was given (None or '': autodetect), checked once for every script."""
     import torch
 
     name = name or autodetect_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device: use cuda, cpu or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError(f"--device {name} was asked for but MPS is not available here")
-    if device.type not in ("cuda", "cpu", "mps"):
-        raise UserError(f"--device {name!r}: use cuda, cpu or mps")
+    kind = name.split(":")[0]
+    missing = {"cpu": None, "cuda": None if torch.cuda.is_available() else "no CUDA GPU is visible",
+               "mps": None if torch.backends.mps.is_available() else "MPS is not available here"}
+    if kind not in missing:
+        raise UserError(f"--device {name!r} is not a device: use cuda, cpu or mps")
+    if missing[kind]:
+        raise UserError(f"--device {name} was asked for but {missing[kind]}")
     return name
 
 
@@ -167,14 +150,31 @@ def get_dtype(device_type: str):
     return torch.float32
 
 
-def is_distributed() -> bool:
-    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+def training_dtype(device_type: str):
+    """bf16 or fp32 (get_dtype's choice, or SPEEDCHAT_DTYPE): float16 would need a gradient scaler."""
+    import torch
+
+    dtype = get_dtype(device_type)
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise UserError(f"training runs in bfloat16 or float32, not {str(dtype).removeprefix('torch.')}: "
+                        f"set SPEEDCHAT_DTYPE=bfloat16 or float32, or unset it")
+    return dtype
+
+
+def peak_flops(device, dtype):
+    """The device's dense bf16 peak FLOP/s, or None when unknown (CPU, other GPUs, not bf16): for MFU."""
+    import torch
+
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in GPU_PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def compute_init(device_type: str | None = None, seed: int = 42):
     """Set up the device and, under torchrun, the process group.
     Returns (ddp, rank, local_rank, world_size, device). One process without
-    torchrun is the same code with world size 1."""
+    torchrun is the same code with world size 1; under torchrun LOCAL_RANK picks the GPU."""
     import torch
     import torch.distributed as dist
 
@@ -183,14 +183,11 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ddp = is_distributed()
+    ddp = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))  # started by torchrun
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
-        if device.index is not None:
-            raise UserError(f"--device {device}: under torchrun each process takes the GPU of its "
-                            f"LOCAL_RANK; use --device {device.type}")
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
@@ -206,7 +203,7 @@ def compute_init(device_type: str | None = None, seed: int = 42):
 def compute_cleanup():
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.destroy_process_group()
 
 
@@ -228,3 +225,84 @@ def init_wandb(run_name: str | None, project: str, config: dict, master: bool):
     except ImportError:
         raise UserError("--run was given but wandb is not installed: `uv pip install wandb`, or drop --run")
     return wandb.init(project=project, name=run_name, config=config)
+
+
+# ---------------------------------------------------------------------------
+# Flags, numbers over ranks, RNG state
+
+
+def checked(kind, ok, what):
+    """An argparse type: `kind(text)`, refused unless ok(value) (`what` says what is allowed)."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):  # `not ok` also refuses nan, which compares False with everything
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value" messages
+    return parse
+
+
+POSITIVE = checked(int, lambda v: v > 0, "positive")
+POSITIVE_OR_ALL = checked(int, lambda v: v > 0 or v == -1, "positive, or -1")
+STEP = checked(int, lambda v: v >= -1, ">= 0, or -1 for the latest")
+RATE = checked(float, lambda v: v >= 0, ">= 0")
+POSITIVE_RATE = checked(float, lambda v: v > 0, "positive")
+FRACTION = checked(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
+def parse_args(p, argv=None):
+    """Parse, after adding "(default: X)" to each flag's help where X says something."""
+    for action in p._actions:  # (`is`: a default of 0 says something, None and False do not)
+        if action.help and "default" not in action.help and not (
+                action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)):
+            action.help += " (default: %(default)s)"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return p.parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # `torchrun ... -m stage -- --flags` too
+
+
+def distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def global_mean(value):
+    """The mean of the scalar tensor `value` over all ranks, so every rank logs, and checks for
+    NaN, the same number (a rank that stopped alone would leave the others blocked)."""
+    import torch.distributed as dist
+
+    if not distributed():
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)  # not AVG: gloo lacks it on some torch versions
+    return total / dist.get_world_size()
+
+
+def sum_over_ranks(counts, device):
+    """Small integer counts summed over all ranks in one collective, as Python ints."""
+    import torch
+    import torch.distributed as dist
+
+    if not distributed():
+        return [int(c) for c in counts]
+    t = torch.tensor(counts, dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def get_rng_state(device):
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":  # this rank's GPU only (touching the others would create contexts there)
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import UserError, get_base_dir, atomic_write, atomic_path, run_main, print0
+from common import atomic_path, atomic_write, checked, format_seconds, get_base_dir, print0, run_main
 
 # Sections in the order they appear in report.md.
 SECTION_ORDER = [
@@ -29,6 +29,8 @@ TRAINING_SECTIONS = {"base-train": "base", "mid-train": "mid", "chat-sft": "sft"
 # the chat tasks of the nanochat-comparable ChatCORE (chat_eval.py), in the summary table's order
 CHATCORE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 DEFAULT_GPU_HOUR_USD = 3.00  # a typical on-demand H100 rate per GPU-hour (flag --gpu-hour-usd)
+PRICE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+FOLDER = checked(str, lambda v: v == "" or Path(v).is_dir(), "an existing folder, or ''")
 
 
 def report_dir() -> Path:
@@ -37,19 +39,40 @@ def report_dir() -> Path:
     return path
 
 
-def write_section(name: str, title: str, items: dict | None = None, text: str = "", data: dict | None = None):
-    """Write one stage's section: a title, `- key: value` lines for `items`, free markdown `text`.
-    `data` (JSON-serialisable) is saved beside it for the summary table and the plots."""
+def write_section(name: str, title: str, data: dict, text: str = ""):
+    """Write one stage's section from `data`: report.md shows each number or string as a
+    `- key: value` line, and each entry of a dict of them as `- entry key: value` ({"bpb": {"val":
+    0.81}} -> "- val bpb: 0.8100"); anything deeper, such as curves or per-task results, only in the
+    JSON (a stage shows those in `text`, markdown that follows). The JSON beside it keeps `data`
+    whole, for the summary table and the plots."""
+    flat = lambda v: not isinstance(v, (dict, list, tuple))  # noqa: E731
     lines = [f"## {title}", ""]
-    for key, value in (items or {}).items():
-        if isinstance(value, float):
-            value = f"{value:.6g}"
-        lines.append(f"- {key}: {value}")
+    for key, value in data.items():
+        if flat(value):
+            value = {"": value}  # one entry without a name
+        if isinstance(value, dict) and all(map(flat, value.values())):
+            lines += [f"- {f'{entry} {key}'.strip().replace('_', ' ')}: {shown(key, v)}" for entry, v in value.items()]
     if text:
         lines += ["", text.rstrip()]
     atomic_write(report_dir() / f"{name}.md", "\n".join(lines) + "\n")
-    if data is not None:
-        atomic_write(report_dir() / f"{name}.json", json.dumps(data, indent=2, sort_keys=True))
+    atomic_write(report_dir() / f"{name}.json", json.dumps(data, indent=2, sort_keys=True))
+
+
+def shown(key: str, value) -> str:
+    """How report.md shows a number: a duration in seconds (key ending in "seconds") as 1h02m, a
+    Unix time (ending in "_time") as a date, counts with thousands separators, other floats with
+    4 decimals or in scientific notation."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if key.endswith("seconds"):
+        return format_seconds(value)
+    if key.endswith("_time"):
+        return datetime.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, int) and abs(value) < 1e10:
+        return f"{value:,}"
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
 
 
 def read_data(name: str) -> dict:
@@ -73,11 +96,10 @@ def _run(cmd: list[str]) -> str:
         return ""
 
 
-def git_info() -> dict:
-    repo = Path(__file__).resolve().parent
-    commit = _run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]) or "unknown"
-    dirty = bool(_run(["git", "-C", str(repo), "status", "--porcelain"]))
-    return {"commit": commit, "dirty": dirty}
+def git_commit() -> str:
+    repo = str(Path(__file__).resolve().parent)
+    commit = _run(["git", "-C", repo, "rev-parse", "--short", "HEAD"]) or "unknown"
+    return commit + (" (dirty)" if _run(["git", "-C", repo, "status", "--porcelain"]) else "")
 
 
 def code_metrics() -> dict:
@@ -91,16 +113,14 @@ def code_metrics() -> dict:
         if path.suffix in exts and path.is_file() and not name.startswith("tests/"):
             text = path.read_text(errors="replace")
             chars, lines, files = chars + len(text), lines + text.count("\n"), files + 1
-    deps = 0
-    pyproject = repo / "pyproject.toml"
-    if pyproject.exists():
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            tomllib = None
-        if tomllib:
-            deps = len(tomllib.loads(pyproject.read_text()).get("project", {}).get("dependencies", []))
-    return {"characters": chars, "lines": lines, "files": files, "tokens (approx, chars/4)": chars // 4, "dependencies": deps}
+    try:
+        import tomllib
+
+        deps = len(tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"])
+    except ImportError:  # Python 3.10 has no tomllib
+        deps = None
+    return {"code_characters": chars, "code_lines": lines, "code_files": files, "code_tokens_approx": chars // 4,
+            "dependencies": deps}
 
 
 def machine_info() -> dict:
@@ -108,7 +128,7 @@ def machine_info() -> dict:
 
     info = {
         "platform": platform.platform(),
-        "cpu cores": os.cpu_count(),
+        "cpu_cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
@@ -132,20 +152,12 @@ def reset(gpu_hour_usd: float):
     for path in report_dir().glob("*"):
         if path.is_file():
             path.unlink()
-    git = git_info()
     import torch
 
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    items = {
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
-        "git commit": git["commit"] + (" (dirty)" if git["dirty"] else ""),
-        **machine_info(),
-        "$/GPU-hour": f"{gpu_hour_usd:.2f}",
-    }
-    code = code_metrics()
-    text = "### Code\n\n" + "\n".join(f"- {k}: {v:,}" for k, v in code.items())
-    data = {"start_time": time.time(), "num_gpus": num_gpus, "gpu_hour_usd": gpu_hour_usd, "code": code}
-    write_section("header", "speedchat run", items, text=text, data=data)
+    write_section("header", "speedchat run", {
+        "start_time": time.time(), "git_commit": git_commit(),
+        **machine_info(), "num_gpus": num_gpus, "gpu_hour_usd": gpu_hour_usd, **code_metrics()})
     print0(f"new report started in {report_dir()}")
 
 
@@ -318,27 +330,17 @@ def main(argv=None):
     parser.add_argument("command", choices=["reset", "generate"],
                         help="reset: start a new report (removes every section) with the header; "
                              "generate: write report.md from the sections written so far")
-    parser.add_argument("--gpu-hour-usd", type=float, default=None,
+    parser.add_argument("--gpu-hour-usd", type=PRICE, default=os.environ.get("SPEEDCHAT_GPU_HOUR_USD") or None,
                         help="price of one GPU-hour for the cost estimate (default: $SPEEDCHAT_GPU_HOUR_USD; "
                              f"when that is unset, reset uses {DEFAULT_GPU_HOUR_USD:.2f} and generate the rate "
                              "reset recorded)")
-    parser.add_argument("--out-dir", default=".", help="where generate also copies report.md and the plots ('' for the base dir only)")
+    parser.add_argument("--out-dir", type=FOLDER, default=".",
+                        help="where generate also copies report.md and the plots ('' for the base dir only)")
     args = parser.parse_args(argv)
-    rate = args.gpu_hour_usd
-    if rate is None and os.environ.get("SPEEDCHAT_GPU_HOUR_USD"):
-        try:
-            rate = float(os.environ["SPEEDCHAT_GPU_HOUR_USD"])
-        except ValueError:
-            raise UserError(f"SPEEDCHAT_GPU_HOUR_USD={os.environ['SPEEDCHAT_GPU_HOUR_USD']!r} is not a number") from None
-    if rate is not None and not (math.isfinite(rate) and rate >= 0):
-        raise UserError(f"the GPU-hour price must be a number >= 0, got {rate}")
     if args.command == "reset":
-        reset(DEFAULT_GPU_HOUR_USD if rate is None else rate)
+        reset(DEFAULT_GPU_HOUR_USD if args.gpu_hour_usd is None else args.gpu_hour_usd)
     else:
-        out_dir = Path(args.out_dir) if args.out_dir else None
-        if out_dir is not None and not out_dir.is_dir():
-            raise UserError(f"--out-dir {args.out_dir}: no such directory")
-        generate(out_dir, rate)
+        generate(Path(args.out_dir) if args.out_dir else None, args.gpu_hour_usd)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import time
 import torch
 
 from common import autodetect_device, format_seconds
-from base_train import training_dtype, peak_flops, is_muon, muon_momentum
+from training import training_dtype, peak_flops, is_muon, muon_momentum
 from fp8 import convert_to_fp8, fp8_supported
 from model import GPT, config_from_depth
 

@@ -1,4 +1,5 @@
-"""dataloader.py: BOS-aligned best-fit packing, disjoint ranks, exact resume, epochs, devices."""
+"""dataloader.py: BOS-aligned best-fit packing (of documents and of conversations with their loss
+masks), disjoint ranks, exact resume, epochs, devices."""
 
 import io
 import json
@@ -11,7 +12,7 @@ import torch
 
 import dataset
 from common import UserError
-from dataloader import DataLoader
+from dataloader import ConversationLoader, DataLoader
 
 BOS = 0
 
@@ -167,59 +168,58 @@ def test_ranks_read_disjoint_documents(tmp_path):
 
 def test_resume_gives_the_same_batches(tmp_path):
     source, _ = make_source(tmp_path / "src")
-    tok = ByteTokenizer()
-    ref = DataLoader(tok, B=3, T=40, source=source, buffer_size=30)
+    loader = lambda: DataLoader(ByteTokenizer(), B=3, T=40, source=source, buffer_size=30)  # noqa: E731
+    ref = loader()
     expected = take(ref, 30)
-    ref.close()
     for cut in (0, 1, 7, 19):
-        first = DataLoader(tok, B=3, T=40, source=source, buffer_size=30)
+        first = loader()
         got = take(first, cut)
-        saved = first.state_dict()
-        first.close()
         buf = io.BytesIO()
-        torch.save(saved, buf)  # it survives a checkpoint file ...
+        torch.save(first.state_dict(), buf)  # it survives a checkpoint file ...
+        first.close()
         buf.seek(0)
-        saved = json.loads(json.dumps(torch.load(buf)))  # ... and JSON
-        second = DataLoader(tok, B=3, T=40, source=source, buffer_size=30)
-        second.load_state_dict(saved)
+        second = loader()
+        second.load_state_dict(json.loads(json.dumps(torch.load(buf))))  # ... and JSON
         got += take(second, 30 - cut)
         second.close()
         for (x0, y0), (x1, y1) in zip(expected, got):
             assert torch.equal(x0, x1) and torch.equal(y0, y1), f"resume at batch {cut} diverged"
+    ref.load_state_dict(first.state_dict())  # into a loader whose threads ran ahead: they are replaced
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(expected[19:], take(ref, 5)))
+    with pytest.raises(UserError, match="original --source"):
+        ref.load_state_dict(dict(ref.state_dict(), split="val"))
+    ref.close()
 
 
-def test_load_state_mid_iteration_restarts_threads(tmp_path):
-    source, _ = make_source(tmp_path / "src")
-    loader = DataLoader(ByteTokenizer(), B=2, T=30, source=source, num_threads=2)
-    take(loader, 3)
-    state = loader.state_dict()
-    after = take(loader, 5)
-    loader.load_state_dict(state)  # threads already ran ahead: they must be replaced
-    again = take(loader, 5)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(after, again))
+class ChatTokenizer(ByteTokenizer):
+    """render_conversation of a user turn (mask 0) and an assistant turn (mask 1), byte tokens."""
+
+    def render_conversation(self, conversation, max_tokens):
+        user, answer = (encode_one(m["content"]) for m in conversation["messages"])
+        ids, mask = [BOS] + user + answer, [0] * (1 + len(user)) + [1] * len(answer)
+        return ids[:max_tokens], mask[:max_tokens]
+
+
+def test_conversations_pack_with_their_loss_masks():
+    task = [{"messages": [{"content": f"doc{i}|" + "q" * (i % 7)}, {"content": "a" * (1 + i % 5)}]} for i in range(60)]
+    answer = ord("a") + 1
+    loader = ConversationLoader(ChatTokenizer(), task, B=3, T=20, buffer_size=8)
+    batches = take(loader, 6)
+    for x, y in batches:
+        assert x.shape == y.shape == (3, 20) and (x[:, 0] == BOS).all()
+        supervised = y >= 0
+        assert (y[supervised] == answer).all()  # only the assistant's tokens are targets ...
+        assert torch.equal(x[:, 1:] == answer, supervised[:, :-1])  # ... every one of them, the next token
+    for row in (r for x, _ in batches for r in x.tolist()):  # each conversation starts whole: BOS, its tag
+        assert all(row[i + 1] >= TAG for i, t in enumerate(row[:-1]) if t == BOS)
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state["docs"] == loader.taken > 0
+    expected = take(loader, 4)
     loader.close()
-
-
-def test_bad_state_is_rejected(tmp_path):
-    source, _ = make_source(tmp_path / "src")
-    loader = DataLoader(ByteTokenizer(), B=2, T=30, source=source)
-    state = loader.state_dict()
-    with pytest.raises(UserError, match="split"):
-        loader.load_state_dict(dict(state, split="val"))
-    with pytest.raises(UserError, match="version"):
-        loader.load_state_dict(dict(state, version=99))
-    with pytest.raises(UserError, match="row groups"):
-        loader.load_state_dict(dict(state, unit=10_000))
-    # another world size: the position is carried over approximately (with a warning), not refused
-    two = DataLoader(ByteTokenizer(), B=2, T=30, source=source, rank=1, world_size=2)
-    take(two, 30)
-    moved = two.state_dict()
-    two.close()
-    loader.load_state_dict(moved)
-    assert loader.state_dict()["pending"] == [] and loader.state_dict()["unit"] >= moved["unit"]
-    x, _ = next(loader)
-    assert (x[:, 0] == BOS).all()
-    loader.close()
+    again = ConversationLoader(ChatTokenizer(), task, B=3, T=20, buffer_size=8)
+    again.load_state_dict(state)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, take(again, 4)))
+    again.close()
 
 
 def test_many_epochs_roll_over(tmp_path):
@@ -239,18 +239,6 @@ def test_many_epochs_roll_over(tmp_path):
         loader.close()
 
 
-def test_every_rank_rolls_over_independently(tmp_path):
-    # rank 1 of 3 gets fewer row groups; it must still produce batches, cycling its own share
-    source, _ = make_source(tmp_path / "src", n_train=70, group=10)
-    loaders = [DataLoader(ByteTokenizer(), B=2, T=40, source=source, rank=r, world_size=3) for r in range(3)]
-    for _ in range(40):
-        for loader in loaders:
-            next(loader)
-    assert all(loader.epoch >= 1 for loader in loaders)
-    for loader in loaders:
-        loader.close()
-
-
 def test_errors_reach_the_caller(tmp_path):
     source, _ = make_source(tmp_path / "src")
 
@@ -261,8 +249,6 @@ def test_errors_reach_the_caller(tmp_path):
     loader = DataLoader(Broken(), B=2, T=30, source=source)
     with pytest.raises(ValueError, match="exploded"):
         next(loader)
-    with pytest.raises(UserError, match="positive"):
-        DataLoader(ByteTokenizer(), B=0, T=30, source=source)
 
 
 def test_real_tokenizer_on_stdlib_docs(tmp_path_factory, monkeypatch):
@@ -271,16 +257,12 @@ def test_real_tokenizer_on_stdlib_docs(tmp_path_factory, monkeypatch):
     import tokenizer
 
     tok = tokenizer.Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: no training needed
-    loader = DataLoader(tok, B=2, T=128, source="stdlib-docs", num_threads=2)
-    x, y = next(loader)
-    bos = tok.get_bos_token_id()
-    assert (x[:, 0] == bos).all() and torch.equal(x[:, 1:], y[:, :-1])
-    text = tok.decode(x[0].tolist())
-    assert text.startswith("<|bos|>") and len(text) > 100
-    val = DataLoader(tok, B=2, T=128, split="val", source="stdlib-docs")
-    assert not torch.equal(next(val)[0], x)
-    loader.close()
-    val.close()
+    loaders = [DataLoader(tok, B=2, T=128, split=split, source="stdlib-docs", num_threads=2) for split in ("train", "val")]
+    (x, y), (val, _) = map(next, loaders)
+    assert (x[:, 0] == tok.get_bos_token_id()).all() and torch.equal(x[:, 1:], y[:, :-1])
+    assert tok.decode(x[0].tolist()).startswith("<|bos|>") and not torch.equal(val, x)
+    for loader in loaders:
+        loader.close()
 
 
 @pytest.mark.gpu

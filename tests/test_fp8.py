@@ -14,7 +14,7 @@ import fp8
 from fp8 import Float8Linear, convert_to_fp8, fp8_linear, fp8_supported
 from model import GPT, config_from_depth
 # the stdlib-docs shards + tokenizer fixtures and the tiny base_train flags of the base_train tests
-from test_base_train import TINY, base_dir, prepared  # noqa: F401  (pytest fixtures)
+from test_base_train import TINY  # the base_dir fixture (stdlib-docs shards + tokenizer) is in conftest.py
 
 pytestmark = pytest.mark.skipif(not fp8_supported("cpu")[0], reason=f"no CPU fp8: {fp8_supported('cpu')[1]}")
 

@@ -315,8 +315,8 @@ def main(argv=None):
 
     data = {kind: {lb: (round(r[2], 4) if r else None) for lb, r in row.items()} for kind, row in results.items()}
     write_section("tokenizer-eval", "Tokenizer evaluation",
-                  {"tokenizer": args.tokenizer_dir or str(get_tokenizer_dir()), "vocab size": ours.get_vocab_size()},
-                  text="Bytes per token (higher compresses better):\n\n" + text, data={"bytes_per_token": data})
+                  {"tokenizer": args.tokenizer_dir or str(get_tokenizer_dir()), "vocab_size": ours.get_vocab_size(),
+                   "bytes_per_token": data}, text="Bytes per token (higher compresses better):\n\n" + text)
 
 
 if __name__ == "__main__":

@@ -195,8 +195,8 @@ def main(argv=None):
         print0(f"{key}: {value}")
     from report import write_section
 
-    write_section("tokenizer-train", "Tokenizer training", stats,
-                  data={k.replace(" ", "_").replace("/", "_per_"): v for k, v in stats.items()})
+    write_section("tokenizer-train", "Tokenizer training",
+                  {k.replace(" ", "_").replace("/", "_per_"): v for k, v in stats.items()})
 
 
 if __name__ == "__main__":
