@@ -26,9 +26,13 @@ def get_base_dir() -> Path:
 # Printing, errors, timing
 
 
+def get_rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
 def print0(*args, **kwargs):
     """print() on rank 0 only (every rank when not under torchrun)."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if get_rank() == 0:
         kwargs.setdefault("flush", True)
         print(*args, **kwargs)
 

@@ -29,8 +29,8 @@ import checkpoint
 from tasks.mixtures import data_paths, mixture, resolve_preset
 from tokenizer import get_token_bytes, get_tokenizer
 from common import (FRACTION, POSITIVE, POSITIVE_OR_ALL, POSITIVE_RATE, RATE, STEP, UserError, compute_cleanup,
-                    compute_init, distributed, format_seconds, get_rng_state, global_mean, init_wandb, peak_flops,
-                    print0, set_rng_state, sum_over_ranks, training_dtype)
+                    compute_init, distributed, format_seconds, get_base_dir, get_rng_state, global_mean, init_wandb,
+                    peak_flops, print0, set_rng_state, sum_over_ranks, training_dtype)
 
 D20_TOTAL_BATCH_SIZE = 524288  # tokens per step for d20-scale runs (2^19)
 EMA_BETA = 0.9  # smoothing of the logged training loss
@@ -245,12 +245,12 @@ class Run:
 
     def __init__(self, args, stage, tag):
         self.args, self.stage, self.tag = args, stage, tag
-        self.ckpt_dir = checkpoint.checkpoint_dir(stage, tag or "")
-        if args.resume and (not tag or checkpoint.find_last_step(self.ckpt_dir) is None):
-            raise UserError(f"--resume: no {stage} checkpoint under {self.ckpt_dir}: run `python -m "
+        where = checkpoint.checkpoint_dir(stage, tag) if tag else get_base_dir() / "checkpoints" / stage
+        if args.resume and (not tag or checkpoint.find_last_step(where) is None):
+            raise UserError(f"--resume: no {stage} checkpoint under {where}: run `python -m "
                             f"{checkpoint.STAGE_SCRIPTS[stage]}` without --resume to start fresh (or check --model-tag)")
-        # one trainer per checkpoint folder: checkpoint.acquire_lock(stage, tag) belongs here, before anything
-        # below reads or clears the folder
+        # one trainer per checkpoint folder, taken before anything below reads or clears it
+        self.ckpt_dir = checkpoint.acquire_lock(stage, tag)
         self.ddp, self.rank, _, self.world_size, self.device = compute_init(args.device, seed=args.seed)
         try:
             self._start()
