@@ -18,7 +18,6 @@ chat template renders a conversation exactly as Tokenizer.render_for_completion 
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -76,6 +75,19 @@ def hf_tokenizer(tok):
                                    model_max_length=None)
 
 
+def modeling_files():
+    """The code the folder carries: hf_modeling.py and the project's model.py and attention.py, whose
+    imports of each other become relative (transformers loads them as one package). optim.py stays home:
+    the model imports it only to train."""
+    files = {name: (REPO / name).read_text(encoding="utf-8") for name in ("hf_modeling.py", "model.py", "attention.py")}
+    rewrites = {"model.py": ("from attention import", "from .attention import"),
+                "attention.py": ("from common import print0", "print0 = print")}
+    for name, (old, new) in rewrites.items():
+        assert files[name].count(old) == 1, f"{name} no longer has `{old}`: update export.modeling_files"
+        files[name] = files[name].replace(old, new)
+    return files
+
+
 def export(source, out, tag=None, step=None, dtype="bfloat16"):
     """Write the folder; returns its path."""
     import checkpoint
@@ -86,8 +98,8 @@ def export(source, out, tag=None, step=None, dtype="bfloat16"):
     out.mkdir(parents=True, exist_ok=True)
     state = {f"gpt.{k}": v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    for name in ("model.py", "hf_modeling.py"):
-        shutil.copyfile(REPO / name, out / name)
+    for name, text in modeling_files().items():
+        atomic_write(out / name, text)
     stop = [tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()]
     config = {
         "architectures": ["SpeedchatForCausalLM"], "model_type": "speedchat",

@@ -30,13 +30,17 @@ class SpeedchatForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
         self.gpt = GPT(GPTConfig(**config.gpt))
+        self.gpt.init_weights()  # the weights file overwrites these
+        self.tables_ready = False
         self.post_init()
 
     def _init_weights(self, module):
-        if module is self.gpt:  # the tables that are not in the weights file (rotary)
-            module.init_weights()
+        pass  # model.py initialises its own weights (above); transformers' defaults would undo the loaded ones
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        if not self.tables_ready:  # transformers materialises non-persistent buffers (rotary) unfilled
+            self.gpt._set_rotary(self.gpt.cos.size(1), device=input_ids.device)
+            self.tables_ready = True
         logits = self.gpt(input_ids)  # float32, softcapped, over the real vocabulary
         loss = None
         if labels is not None:  # transformers' convention: labels are the inputs, shifted here
