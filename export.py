@@ -88,7 +88,7 @@ def modeling_files():
     return files
 
 
-def export(source, out, tag=None, step=None, dtype="bfloat16"):
+def export(source, out, tag=None, step=None, dtype="bfloat16", license="mit"):
     """Write the folder; returns its path."""
     import checkpoint
     from safetensors.torch import save_file
@@ -113,13 +113,58 @@ def export(source, out, tag=None, step=None, dtype="bfloat16"):
                   "use_cache": False, "max_length": meta["model_config"]["sequence_len"]}
     atomic_write(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     hf_tokenizer(tok).save_pretrained(out)
-    atomic_write(out / "README.md", model_card(source, meta))
+    atomic_write(out / "README.md", model_card(source, meta, license))
     print0(f"exported {source} {meta['tag']} step {meta['step']} to {out}")
     return out
 
 
-def model_card(source, meta):
-    return f"# speedchat {source} model {meta['tag']}\n"
+USAGE = """from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)
+chat = [{"role": "user", "content": "Why is the sky blue?"}]
+inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**inputs, max_new_tokens=128, do_sample=True, temperature=0.6, top_k=50)
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
+# the Hub names of the data a stage may have trained on (the card's `datasets`)
+HUB_DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "climbmix": "nvidia/Nemotron-ClimbMix",
+                "full": ["HuggingFaceTB/smol-smoltalk", "cais/mmlu", "openai/gsm8k", "allenai/ai2_arc"]}
+
+
+def model_card(source, meta, license="mit"):
+    """README.md for the Hub: YAML front matter, what was trained on what and what it cost (from the
+    run's report sections), the report's evaluation table with standard errors, and how to use it."""
+    import report
+
+    train, header = report.read_data("base-train"), report.read_data("header")
+    presets = {report.read_data(s).get("preset") for s in ("chat-eval-mid", "chat-eval-sft")}
+    datasets = [HUB_DATASETS[train["source"]]] if train.get("source") in HUB_DATASETS else []
+    datasets += HUB_DATASETS["full"] if "full" in presets else []
+    front = ["---", f"license: {license}", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [speedchat, custom_code, text-generation]"]
+    front += [f"datasets: [{', '.join(datasets)}]"] if datasets else []
+    front += ["metrics: [accuracy]", "---", ""]
+    lines = [f"# speedchat {meta['tag']} ({source})", "",
+             "A small chat model trained from scratch with speedchat in one run: "
+             "tokenizer, pretraining, mid-training and fine-tuning.", ""]
+    if train:
+        hours = train.get("training_seconds", 0) / 3600
+        lines += [f"- model: depth {train.get('depth')}, {train.get('parameters', 0):,} parameters, "
+                  f"context {train.get('sequence_length')} tokens, vocabulary {train.get('vocab_size'):,}",
+                  f"- pretraining: {train.get('training_tokens', 0):,} tokens of {train.get('source')} on "
+                  f"{train.get('device')} in {hours:.2f} h"]
+    if header.get("gpus"):
+        lines.append(f"- machine: {header['gpus']}, torch {header.get('torch')}, code {header.get('git_commit')}")
+    lines += [f"- this checkpoint: {source} {meta['tag']} step {meta['step']}", "",
+              "## Evaluation", "", report.summary_table(), "",
+              "## Use", "", "```python",
+              USAGE.replace("PATH", "."), "```", "", "(`.` is this folder; on the Hub, its id.)", "",
+              "The modeling code (`hf_modeling.py` around speedchat's own `model.py`) ships in this folder, hence "
+              "`trust_remote_code=True`: transformers' native `nanochat` type predates this architecture (value "
+              "embeddings, sliding windows, per-layer scalars, smear, backout). Generation recomputes the whole "
+              "sequence at each token (no KV cache) and does not run the calculator tool the model was trained "
+              "to call; speedchat's own `chat_cli`/`chat_web` do both. Special-token strings typed in plain text "
+              "are text to speedchat's tokenizer: pass `split_special_tokens=True` to get the same ids.", ""]
+    return "\n".join(front + lines)
 
 
 def main(argv=None):
@@ -129,13 +174,14 @@ def main(argv=None):
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights (default: bfloat16)")
+    p.add_argument("--license", default="mit", help="the model card's license (a Hub license id; default: mit)")
     p.add_argument("--out", required=True, help="the folder to write")
     args = p.parse_args(argv)
     try:
         import safetensors, transformers  # noqa: F401
     except ImportError:
         raise UserError("export needs transformers and safetensors: `uv sync --group export`")
-    export(args.source, args.out, args.tag, args.step, args.dtype)
+    export(args.source, args.out, args.tag, args.step, args.dtype, args.license)
 
 
 if __name__ == "__main__":

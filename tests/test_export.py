@@ -86,3 +86,24 @@ def test_folder_contents(folder):
             "tokenizer_config.json", "README.md", "hf_modeling.py", "model.py", "attention.py"} <= names
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "hf_modeling.SpeedchatForCausalLM"
+
+
+def test_trained_model_and_its_card(trained, tmp_path, monkeypatch):
+    """The session's trained sft model: same logits through transformers, and a card built from its report."""
+    import yaml
+
+    from conftest import link_base_dir
+
+    link_base_dir(trained, tmp_path, monkeypatch, checkpoints=["sft"])
+    (tmp_path / "report").symlink_to(trained / "report")
+    out = export.export("sft", tmp_path / "hf", dtype="float32")
+    model, tok, _ = __import__("checkpoint").load_model("sft", "cpu")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    x = torch.tensor([tok.encode("def main():\n    return", prepend="<|bos|>")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["pipeline_tag"] == "text-generation" and front["license"] and "speedchat" in front["tags"]
+    assert "| metric | BASE | MID | SFT |" in card and "parameters" in card and "stdlib-docs" in card
+    exec(export.USAGE.replace("PATH", str(out)), {})  # the card's snippet runs as written
