@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attention import attention, init_attention
-from optim import DistAdamW, Muon
 
 LOGIT_SOFTCAP = 15.0
 ROTARY_BASE = 100_000.0
@@ -332,6 +331,8 @@ class GPT(nn.Module):
         betas (an embedding-rate decay of 0.1 would shrink the embeddings by e^-15 in 1,000 steps).
         The embedding/unembedding learning rates are for width 768, scaled by (n_embd / 768) ** -0.5.
         Every group keeps "initial_lr" for the trainer's schedule."""
+        from optim import DistAdamW, Muon  # here, not at the top: an exported model.py runs without optim.py
+
         scale = (self.config.n_embd / 768) ** -0.5
         groups = [  # lm_head and embeddings: slow second moments, they see rare tokens rarely
             dict(params=[self.lm_head.weight], lr=unembedding_lr * scale, betas=(0.8, 0.96), weight_decay=0.01),
