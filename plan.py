@@ -89,9 +89,9 @@ def meta_model(depth, vocab_size, seq_len):
 
 
 def scaling_params(model):
-    """The parameters that the horizon and batch rules count: the transformer's matrices and the
-    lm_head (embedding lookups cost no FLOPs and scale differently)."""
-    return sum(p.numel() for p in model.blocks.parameters() if p.dim() == 2) + model.lm_head.weight.numel()
+    """The parameters that the horizon and batch rules count (model.num_params: the transformer's
+    matrices and the lm_head; embedding lookups cost no FLOPs and scale differently)."""
+    return model.num_params()["scaling"]
 
 
 def auto_batch_size(tokens, reference_tokens):
