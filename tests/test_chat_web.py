@@ -294,13 +294,21 @@ def browser():
     driver.quit()
 
 
-def test_page_streams_a_reply_and_edits_history(server, browser):
+@pytest.fixture(scope="module")
+def page_server():
+    """The page against an engine that takes 0.02 s a token: a reply arrives in pieces, never in one read."""
+    pool = chat_web.WorkerPool([chat_web.Worker(SlowEngine(make_tokenizer()), "cpu")])
+    with serving(chat_web.create_app(pool, "slow", sequence_len=4096, limits=chat_web.Limits(default_max_tokens=20))) as url:
+        yield url
+
+
+def test_page_streams_a_reply_and_edits_history(page_server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, 30)
-    browser.get(server + "/")
+    browser.get(page_server + "/")
     browser.find_element(By.ID, "temperature").send_keys("0")
 
     def idle_with_reply(driver):
