@@ -99,35 +99,6 @@ def test_greedy_matches_naive_recompute(tok, model, num_samples, decode, uncompi
     assert sorted(engine._decoders) == ([num_samples] if decode == "compiled" else [])
 
 
-class Recorder(nn.Module):
-    """Wraps a model and keeps the last-position logits of every call the engine makes."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner, self.config, self.calls = model, model.config, []
-
-    def forward(self, idx, kv_cache=None, positions=None):
-        logits = self.inner(idx, kv_cache=kv_cache, positions=positions)
-        self.calls.append((logits if positions is not None else logits[:, -1]).clone())
-        return logits
-
-
-def test_batched_rows_see_their_own_history(tok, model):
-    """Rows that diverge (sampling) must each get the logits of their own full sequence."""
-    recorder = Recorder(model)
-    engine = Engine(recorder, tok)
-    prompt = tok.encode("The quick brown", prepend="<|bos|>")
-    columns = list(engine.generate(prompt, num_samples=4, max_tokens=12, temperature=1.5, seed=3))
-    rows = [prompt + [col[r] for col, _ in columns] for r in range(4)]
-    assert len(set(map(tuple, rows))) > 1, "rows should differ at temperature 1.5"
-    with torch.no_grad():
-        for step, logits in enumerate(recorder.calls):
-            for r in range(4):
-                full = model(torch.tensor([rows[r][: len(prompt) + step]]))[0, -1]
-                # (torch.testing.assert_close would import torch.distributed: seconds, for nothing)
-                assert (logits[min(r, logits.size(0) - 1)] - full).abs().max() < 2e-4, (step, r)
-
-
 def test_seed_reproducible_and_varied(tok, model, uncompiled):
     prompt = tok.encode("Hello", prepend="<|bos|>")
     kw = dict(num_samples=4, max_tokens=16, temperature=1.0, top_k=50, top_p=0.95)
@@ -215,6 +186,19 @@ def test_tool_use_forces_output(tok, model, decode, uncompiled):
     # the same through the streaming API at temperature 1: forced tokens are never sampled
     columns = list(engine.generate(prompt, num_samples=3, max_tokens=60, temperature=1.0, seed=5))
     assert sum(1 for _, m in columns if m[0] == 0) == len(forced[0]) and all(m[1] == 1 for _, m in columns)
+
+
+@pytest.mark.parametrize("decode", ["eager", "compiled"])
+def test_rows_that_diverge_each_continue_their_own_history(tok, model, decode, uncompiled):
+    """Rows are pushed apart after the shared first token, then decode greedily: each must get the
+    logits of its own sequence."""
+    prompt = tok.encode("The quick brown", prepend="<|bos|>")
+    head = prompt + naive_greedy(model, prompt, 1, set())
+    pushes = [tok.encode(words) for words in (" fox", " lazy dog", " 12 +")]
+    engine = Engine(Scripted(model, [script(len(head), push) for push in pushes]), tok, decode=decode)
+    results, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=14, temperature=0.0)
+    for row, push in zip(results, pushes):
+        assert row == head + push + naive_greedy(model, head + push, 13 - len(push), engine.stop_tokens)
 
 
 def test_stops_and_budget(tok, model):
