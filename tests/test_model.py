@@ -158,20 +158,6 @@ def test_loss_keeps_no_logits_for_backward_and_is_one_piece_under_compile(monkey
     assert_close(model(x, y), chunked, atol=1e-6, rtol=1e-6)
 
 
-def test_tiny_model_overfits_one_batch():
-    model = make_model().train()
-    optimizers = model.setup_optimizers()
-    x, y = tokens(4, 16), tokens(4, 16, seed=2)
-    first = model(x, y).item()
-    for _ in range(50):
-        loss = model(x, y)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-    assert first > 4.0 and loss.item() < 0.3
-
-
 # --- KV cache
 
 def windowed_model(n_kv_head):
