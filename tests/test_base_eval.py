@@ -191,7 +191,8 @@ def test_real_raw_files_convert_to_every_item(base_dir):
 
 def test_scored_tokens_skip_shared_leading_words_and_take_shared_trailing_context():
     tok = FakeTokenizer()
-    scored = lambda kind, options: [tok.decode(s[st:]) for s, st in zip(*core_eval.tokenize_item(tok, kind, options, 0))]
+    scored = lambda kind, options: [tok.decode(s[st:])
+                                    for s, st in zip(*core_eval.tokenize_item(tok, kind, options, 0))]
     # multiple choice: the words every option starts with are not scored
     mc = [("Pick one: ", "the red ball"), ("Pick one: ", "the red car"), ("Pick one: ", "the blue car")]
     assert scored("multiple_choice", mc) == [" red ball", " red car", " blue car"]
@@ -289,7 +290,8 @@ def test_run_core_reports_missing_tasks_and_a_partial_core(tmp_path, capsys):
     core_eval.write_core_csv(tmp_path / "out" / "core.csv", results, summary)
     assert core_eval.read_results_csv(tmp_path / "out" / "core.csv") == ({"mc": 1.0, "lm": 1.0}, 1.0)
     # the standard error of CORE: the tasks' centered errors, added in quadrature, over their count
-    summary = core_eval.core_summary({"a": dict(centered=0.2, centered_se=0.03), "b": dict(centered=0.4, centered_se=0.04)})
+    summary = core_eval.core_summary({"a": dict(centered=0.2, centered_se=0.03),
+                                      "b": dict(centered=0.4, centered_se=0.04)})
     assert summary["core"] == pytest.approx(0.3) and summary["core_se"] == pytest.approx(0.05 / 2)
     r = core_eval.task_result(dict(type="multiple_choice", num_fewshot=0, baseline=0.62), 60, 100)
     assert r["centered_se"] == pytest.approx(math.sqrt(0.6 * 0.4 / 100) / 0.38)

@@ -28,7 +28,8 @@ def make_tokenizer():
 def make_model(vocab_size, sequence_len=256):
     """A random GPT with weights large enough that its greedy choices are not all the same token."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                          n_embd=64))
     model.init_weights()
     with torch.no_grad():
         for p in model.parameters():

@@ -100,7 +100,8 @@ for fd in range(3, 30):
             pass
 os._exit(0)
 """
-    assert not (r := run_python(hunt)).ok and r.stdout.split() == ["ValueError", "ValueError", "PermissionError", "PermissionError",
+    r = run_python(hunt)
+    assert not r.ok and r.stdout.split() == ["ValueError", "ValueError", "PermissionError", "PermissionError",
                                              "PermissionError", "ImportError"], r.stdout + r.stderr
 
 

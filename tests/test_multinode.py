@@ -30,12 +30,12 @@ def test_two_nodes_train_what_one_node_with_two_processes_trains(base_dir):
     with socket.socket() as s:  # a free port for the rendezvous (torchrun binds it on node 0)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
-                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                               "--rdzv-id", "t", "-m", "base_train", "--", *TINY, "--model-tag", "nodes"],
-                              cwd=Path(__file__).parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in (0, 1)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t"]
+    train = ["-m", "base_train", "--", *TINY, "--model-tag", "nodes"]
+    nodes = [subprocess.Popen(torchrun + ["--node-rank", str(r)] + train, cwd=Path(__file__).parents[1],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     run_ranks(lambda rank: base_train.main(TINY + ["--model-tag", "single"]))  # one node, two processes
     for proc in nodes:
         out, _ = proc.communicate(timeout=300)
