@@ -21,18 +21,12 @@ from common import UserError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BUNDLE, GPT2_BPE, RAW = DATA / "core_eval_bundle", DATA / "gpt2_bpe", DATA / "core_missing"
-needs_bundle = pytest.mark.skipif(not (BUNDLE / "core.yaml").exists(),
-                                  reason=f"the real CORE eval bundle is not at {BUNDLE}")
 
 
 @pytest.fixture(autouse=True)
 def base_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path / "base"))
     return tmp_path / "base"
-
-
-# ---------------------------------------------------------------------------
-# Fakes
 
 
 class FakeTokenizer:
@@ -43,49 +37,40 @@ class FakeTokenizer:
 
     def __init__(self):
         self.vocab = {"<|bos|>": 0}
-
-    def get_bos_token_id(self):
-        return 0
+        self.get_bos_token_id = lambda: 0
 
     def encode(self, text, prepend=None):
-        ids = [self.vocab.setdefault(piece, len(self.vocab)) for piece in self.PATTERN.findall(text)]
-        return ([] if prepend is None else [prepend]) + ids
+        return [prepend] * (prepend is not None) + [self.vocab.setdefault(p, len(self.vocab))
+                                                    for p in self.PATTERN.findall(text)]
 
     def decode(self, ids):
         pieces = {i: piece for piece, i in self.vocab.items()}
         return "".join(pieces[i] for i in ids)
 
 
-class MarkerModel:
+def marker_model(marker=None, vocab_size=4096):
     """Strongly prefers one token everywhere, so options made of it have the lowest loss; with no
     marker every token is equally likely and every option of an item ties."""
-
-    def __init__(self, marker=None, vocab_size=4096):
-        self.marker, self.V = marker, vocab_size
-
-    def __call__(self, ids):
-        logits = torch.zeros(*ids.shape, self.V)
-        if self.marker is not None:
-            logits[..., self.marker] = 10.0
+    def model(ids):
+        logits = torch.zeros(*ids.shape, vocab_size)
+        if marker is not None:
+            logits[..., marker] = 10.0
         return logits
+    return model
 
 
-class OracleModel:
-    """Knows the gold token sequences: wherever a row agrees with a gold sequence so far, it
-    predicts that sequence's next token. The gold option of every item has near-zero loss and is
-    greedily reproduced; another option diverges and pays for it."""
-
-    def __init__(self, golds, vocab_size):
-        self.golds, self.V = [list(g) for g in golds], vocab_size
-
-    def __call__(self, ids):
-        logits = torch.zeros(*ids.shape, self.V)
+def oracle_model(golds, vocab_size):
+    """Knows the gold token sequences: wherever a row agrees with a gold sequence so far, it predicts
+    that sequence's next token. The gold option of every item has near-zero loss and is greedily
+    reproduced; another option diverges and pays for it."""
+    def model(ids):
+        logits = torch.zeros(*ids.shape, vocab_size)
         for b, row in enumerate(ids.tolist()):
-            best = max(self.golds, key=lambda g: core_eval.common_prefix_length([row, g]))
-            agree = core_eval.common_prefix_length([row, best])
-            for t in range(min(agree, len(best) - 1)):
+            best = max(golds, key=lambda g: core_eval.common_prefix_length([row, g]))
+            for t in range(min(core_eval.common_prefix_length([row, best]), len(best) - 1)):
                 logits[b, t, best[t + 1]] = 10.0
         return logits
+    return model
 
 
 def mc_task(n):
@@ -96,9 +81,7 @@ def mc_task(n):
     return dict(label="mc", path="unused", type="multiple_choice", num_fewshot=0, delimiter=" ", baseline=0.25), rows
 
 
-# ---------------------------------------------------------------------------
-# The real bundle: core.yaml, the GPT-2 reference CSVs, prompts
-
+# --- The real bundle (../shared/data): core.yaml, the GPT-2 reference CSVs, prompts
 
 @pytest.fixture(scope="module")
 def real():
@@ -108,17 +91,13 @@ def real():
     return tasks, {label: core_eval.load_task_data(t) for label, t in tasks.items()}
 
 
-def test_real_core_yaml_and_baselines(real):
+def test_real_core_yaml_and_the_gpt2_reference_cores(real):
     tasks, _ = real
     assert len(tasks) == 22 and [t["type"] for t in tasks.values()].count("multiple_choice") == 11
     assert (tasks["jeopardy"]["delimiter"], tasks["jeopardy"]["num_fewshot"]) == ("\nAnswer: ", 10)
     assert (tasks["copa"]["delimiter"], tasks["agi_eval_lsat_ar"]["num_fewshot"]) == (" ", 3)
     assert tasks["winogrande"]["type"] == "schema" and tasks["boolq"]["baseline"] == pytest.approx(0.62)
     assert tasks["hellaswag_zeroshot"]["path"] == tasks["hellaswag"]["path"]
-
-
-@needs_bundle
-def test_gpt2_reference_csvs_give_their_core():
     cores = core_eval.reference_cores(BUNDLE)
     for name, core in [("gpt2", 0.113891), ("gpt2-xl", 0.256525)]:
         assert core_eval.read_results_csv(BUNDLE / f"openai-community-{name}.csv")[1] == core
@@ -128,8 +107,8 @@ def test_gpt2_reference_csvs_give_their_core():
     assert subset == pytest.approx(((0.552294 - 0.62) / 0.38 + 0.2) / 2)
 
 
-def test_render_schema_and_language_modeling(real):
-    tasks, data = real  # multiple choice: see the few-shot test below
+def test_render_schema_language_modeling_and_few_shot_draws(real):
+    tasks, data = real
     options, gold = core_eval.render_item(tasks["winograd"], data["winograd"], 0)
     assert options == [
         ("The city councilmen refused the demonstrators a permit because the city councilmen ", "feared violence."),
@@ -141,12 +120,8 @@ def test_render_schema_and_language_modeling(real):
     assert continuation == " Admiral Richard Byrd" and context.count("\nAnswer: ") == 10
     assert context.endswith("\n\nWORLD HISTORY: This Navy commander flew from a base at Little America to the "
                             "South Pole & back Nov. 28-29, 1929\nAnswer:")
-
-
-def test_few_shot_prompt_follows_the_reference_draws(real):
-    """arc_easy as the reference evaluates it: rows shuffled with Random(1337), item 0's ten
-    examples drawn with Random(1234).sample from the other (shuffled) rows."""
-    tasks, data = real
+    # arc_easy as the reference evaluates it: rows shuffled with Random(1337), item 0's ten
+    # examples drawn with Random(1234).sample from the other (shuffled) rows
     shuffled = list(data["arc_easy"])
     random.Random(1337).shuffle(shuffled)
     rows = core_eval.task_rows(data["arc_easy"])
@@ -168,8 +143,7 @@ def test_scored_tokens_with_a_real_bpe(real):
     from tokenizer import GPT2_SPLIT_PATTERN, Tokenizer, load_gpt2_encoding
 
     tok = Tokenizer(load_gpt2_encoding(GPT2_BPE)._mergeable_ranks, GPT2_SPLIT_PATTERN)
-    bos = tok.get_bos_token_id()
-    tasks, data = real
+    bos, (tasks, data) = tok.get_bos_token_id(), real
     expected = {("copa", 0): [" the toilet filled with water.", " water flowed from the spout."],
                 ("copa", 1): [" poured milk in the bowl.", " lost her appetite."],
                 ("piqa", 3): [" tin can and tie with rubber band.", " trash bag and tie with rubber band."],
@@ -183,16 +157,42 @@ def test_scored_tokens_with_a_real_bpe(real):
         assert all(s[0] == bos and tok.decode(s[1:]) == ctx + cont for s, (ctx, cont) in zip(seqs, options))
 
 
-# ---------------------------------------------------------------------------
-# The reference's rules on hand-built items
+@pytest.mark.parametrize("label", ["copa", "arc_easy", "boolq", "winograd", "winogrande", "lambada_openai",
+                                   "jeopardy", "bigbench_dyck_languages", "bigbench_language_identification"])
+def test_oracle_scores_one_on_real_rows_and_uniform_scores_first_option_rate(real, label):
+    """Every task type, few-shot and left-cropped prompts included (max_len 192)."""
+    tasks, data = real
+    task, max_len, k, tok = tasks[label], 192, 6, FakeTokenizer()
+    rows = core_eval.task_rows(data[label], k)
+    golds, first_is_gold = [], 0
+    for idx in range(k):
+        options, gold = core_eval.render_item(task, rows, idx)
+        seqs, _ = core_eval.tokenize_item(tok, task["type"], options, 0, max_len)
+        assert max(len(s) for s in seqs) <= max_len
+        golds.append(seqs[gold])
+        first_is_gold += gold == 0 and task["type"] != "language_modeling"
+    V = len(tok.vocab) + 1
+    assert core_eval.evaluate_task(oracle_model(golds, V), tok, task, data[label], "cpu", k, max_len=max_len) == (k, k)
+    assert core_eval.evaluate_task(marker_model(vocab_size=V), tok, task, data[label], "cpu", k, max_len=max_len) \
+        == (first_is_gold, k)
 
+
+@pytest.mark.skipif(not (RAW / "hellaswag_val_full.txt.bz2").exists(), reason=f"no raw HellaSwag/SQuAD in {RAW}")
+def test_real_raw_files_convert_to_every_item(base_dir):
+    hella, squad = (core_eval.load_task_data({"path": path}) for path in core_eval.convert_missing(RAW))
+    assert len(hella) == 10042 and len(squad) == 10570
+    assert hella[1]["query"] == "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady"
+    assert hella[1]["gold"] == 3 and hella[1]["choices"][3] == "stands and lifts the weight over her head."
+    assert squad[2]["continuation"] == "Santa Clara, California"
+    assert squad[2]["context"].endswith("Arabic numerals 50.\nQuestion: Where did Super Bowl 50 take place?\nAnswer:")
+
+
+# --- The reference's rules on hand-built items
 
 def test_scored_tokens_skip_shared_leading_words_and_take_shared_trailing_context():
     tok = FakeTokenizer()
-
-    def scored(kind, options):
-        return [tok.decode(s[st:]) for s, st in zip(*core_eval.tokenize_item(tok, kind, options, 0))]
-
+    scored = lambda kind, options: [tok.decode(s[st:])
+                                    for s, st in zip(*core_eval.tokenize_item(tok, kind, options, 0))]
     # multiple choice: the words every option starts with are not scored
     mc = [("Pick one: ", "the red ball"), ("Pick one: ", "the red car"), ("Pick one: ", "the blue car")]
     assert scored("multiple_choice", mc) == [" red ball", " red car", " blue car"]
@@ -207,19 +207,16 @@ def test_scored_tokens_skip_shared_leading_words_and_take_shared_trailing_contex
 def test_long_prompts_go_in_whole_and_are_cropped_from_the_left_only_past_max_len():
     tok = FakeTokenizer()
     words = ["w" + "".join(chr(97 + i // 26**p % 26) for p in range(3)) for i in range(3000)]  # one token each
-    context = " ".join(words) + " "
-    seqs, starts = core_eval.tokenize_item(tok, "multiple_choice", [(context, "final answer"), (context, "other")], 0)
+    options = [(" ".join(words) + " ", "final answer"), (" ".join(words) + " ", "other")]
+    seqs, _ = core_eval.tokenize_item(tok, "multiple_choice", options, 0)
     assert [len(s) for s in seqs] == [3003, 3002] and seqs[0][0] == 0  # BOS + 3000 words + the option
-    seqs, starts = core_eval.tokenize_item(tok, "multiple_choice", [(context, "final answer"), (context, "other")],
-                                           0, max_len=10)
+    seqs, starts = core_eval.tokenize_item(tok, "multiple_choice", options, 0, max_len=10)
     assert [tok.decode(s) for s in seqs] == [" " + " ".join(words[-8:]) + " final answer",  # the last 10 tokens
                                              " " + " ".join(words[-9:]) + " other"]
     assert [tok.decode(s[st:]) for s, st in zip(seqs, starts)] == [" final answer", " other"]
-    # our GPT takes the whole prompt: evaluate_task feeds all of it without a max_len
-    task = dict(label="long", path="unused", type="multiple_choice", num_fewshot=0, delimiter=" ", baseline=0.25)
-    lengths = []
-    core_eval.evaluate_task(lambda ids: lengths.append(ids.shape[1]) or torch.zeros(*ids.shape, 4096), tok, task,
-                            [{"query": context.strip(), "choices": ["a", "b"], "gold": 0}], "cpu")
+    lengths = []  # our GPT takes the whole prompt: evaluate_task feeds all of it without a max_len
+    core_eval.evaluate_task(lambda ids: lengths.append(ids.shape[1]) or torch.zeros(*ids.shape, 4096), tok,
+                            mc_task(1)[0], [{"query": " ".join(words), "choices": ["a", "b"], "gold": 0}], "cpu")
     assert lengths == [3002]
 
 
@@ -232,68 +229,33 @@ def test_items_and_few_shot_examples_follow_random_1337_then_1234_plus_idx():
         [[7, 3], [2, 7], [2, 3], [0, 3]]
     assert len(core_eval.fewshot_examples(rows, 2, 10)) == 3  # capped at the other rows
     for n, idx, k in [(5, 0, 4), (100, 37, 10), (2376, 2375, 10), (20321, 5, 10)]:  # the reference's plain list
-        rows = list(range(n))
         plain = random.Random(1234 + idx).sample([i for i in range(n) if i != idx], k)
-        assert core_eval.fewshot_examples(rows, idx, k) == plain
+        assert core_eval.fewshot_examples(list(range(n)), idx, k) == plain
 
 
-# ---------------------------------------------------------------------------
-# Scoring with fake models
-
-
-def test_model_that_prefers_gold_scores_one_and_uniform_scores_the_baseline():
+def test_scores_of_models_that_prefer_gold_avoid_it_or_are_uniform():
     task, rows = mc_task(40)
     tok = FakeTokenizer()
-    correct, n = core_eval.evaluate_task(MarkerModel(tok.encode(" zzz")[0]), tok, task, rows, "cpu")
-    assert (correct, n) == (40, 40)
+    zzz = tok.encode(" zzz")[0]
+    assert core_eval.evaluate_task(marker_model(zzz), tok, task, rows, "cpu") == (40, 40)
     # uniform logits: every option ties, the first wins; gold cycles, so accuracy is exactly 1/4
-    correct, n = core_eval.evaluate_task(MarkerModel(), tok, task, rows, "cpu")
-    result = core_eval.task_result(task, correct, n)
+    result = core_eval.task_result(task, *core_eval.evaluate_task(marker_model(), tok, task, rows, "cpu"))
     assert result["accuracy"] == 0.25 and result["centered"] == 0.0
     assert result["accuracy_se"] == pytest.approx(math.sqrt(0.25 * 0.75 / 40))
     # a model that avoids gold scores 0 and a negative centered accuracy
-    correct, n = core_eval.evaluate_task(MarkerModel(tok.encode(" option")[0]), tok, task, rows, "cpu", 20)
+    correct, n = core_eval.evaluate_task(marker_model(tok.encode(" option")[0]), tok, task, rows, "cpu", 20)
     assert (correct, n) == (0, 20) and core_eval.task_result(task, correct, n)["centered"] == pytest.approx(-1 / 3)
     # ranks (no process group here: each rank's own share) take every item once
-    counts = [core_eval.evaluate_task(MarkerModel(tok.encode(" zzz")[0]), tok, task, rows[:13], "cpu", rank=r,
-                                      world_size=3) for r in range(3)]
-    assert counts == [(5, 5), (4, 4), (4, 4)]
-
-
-def test_language_modeling_needs_every_token_greedily():
-    tok = FakeTokenizer()
-    z = tok.encode(" zzz")[0]
-    task = dict(label="lm", path="unused", type="language_modeling", num_fewshot=2, delimiter=" ", baseline=0.0)
+    assert [core_eval.evaluate_task(marker_model(zzz), tok, task, rows[:13], "cpu", rank=r, world_size=3)
+            for r in range(3)] == [(5, 5), (4, 4), (4, 4)]
+    # language modeling needs every continuation token greedily: "zzz yyy" misses its last one
+    lm = dict(task, type="language_modeling", num_fewshot=2, baseline=0.0)
     rows = [{"context": f"Item {i} says", "continuation": "zzz zzz" if i % 2 == 0 else "zzz yyy"} for i in range(10)]
-    assert core_eval.evaluate_task(MarkerModel(z), tok, task, rows, "cpu") == (5, 10)  # "zzz yyy" misses its last token
-    assert core_eval.evaluate_task(MarkerModel(), tok, task, rows, "cpu") == (0, 10)
+    assert core_eval.evaluate_task(marker_model(zzz), tok, lm, rows, "cpu") == (5, 10)
+    assert core_eval.evaluate_task(marker_model(), tok, lm, rows, "cpu") == (0, 10)
 
 
-@needs_bundle
-@pytest.mark.parametrize("label", ["copa", "arc_easy", "boolq", "winograd", "winogrande", "lambada_openai",
-                                   "jeopardy", "bigbench_dyck_languages", "bigbench_language_identification"])
-def test_oracle_scores_one_on_real_rows_and_uniform_scores_first_option_rate(real, label):
-    """Every task type, few-shot and left-cropped prompts included (max_len 192)."""
-    tasks, data = real
-    task, max_len, k = tasks[label], 192, 6
-    tok = FakeTokenizer()
-    rows = core_eval.task_rows(data[label], k)
-    golds, first_is_gold = [], 0
-    for idx in range(k):
-        options, gold = core_eval.render_item(task, rows, idx)
-        seqs, _ = core_eval.tokenize_item(tok, task["type"], options, 0, max_len)
-        assert max(len(s) for s in seqs) <= max_len
-        golds.append(seqs[gold])
-        first_is_gold += gold == 0 and task["type"] != "language_modeling"
-    V = len(tok.vocab) + 1
-    assert core_eval.evaluate_task(OracleModel(golds, V), tok, task, data[label], "cpu", k, max_len=max_len) == (k, k)
-    assert core_eval.evaluate_task(MarkerModel(vocab_size=V), tok, task, data[label], "cpu", k, max_len=max_len) == \
-        (first_is_gold, k)
-
-
-# ---------------------------------------------------------------------------
-# A synthetic bundle end to end: missing tasks, converted tasks, the CORE line, the CSV
-
+# --- A synthetic bundle: missing tasks, converted tasks, the CORE line, the CSV, the download
 
 def make_bundle(root: Path) -> Path:
     (root / "eval_data" / "x").mkdir(parents=True)
@@ -306,28 +268,33 @@ def make_bundle(root: Path) -> Path:
         "  icl_task_type: language_modeling\n")
     (root / "eval_meta_data.csv").write_text(
         'Eval Task,Task Category,Random baseline,Description\nmc,a,25,"has, commas"\nlm,b,0,x\ngone,c,0,y\n')
-    _, rows = mc_task(8)
-    (root / "eval_data" / "x" / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lm = [{"context": f"Q{i}", "continuation": "zzz"} for i in range(6)]
-    (root / "eval_data" / "x" / "lm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lm))
+    for name, rows in (("mc", mc_task(8)[1]), ("lm", lm)):
+        (root / "eval_data" / "x" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
 
 def test_run_core_reports_missing_tasks_and_a_partial_core(tmp_path, capsys):
+    with pytest.raises(UserError):
+        core_eval.load_bundle(tmp_path)  # no core.yaml
     bundle = make_bundle(tmp_path / "bundle")
     assert core_eval.load_bundle(bundle)[1]["delimiter"] == "\nAnswer: "
     tok = FakeTokenizer()
-    results, summary = core_eval.run_core(MarkerModel(tok.encode(" zzz")[0]), tok, bundle, "cpu", progress=False)
+    results, summary = core_eval.run_core(marker_model(tok.encode(" zzz")[0]), tok, bundle, "cpu", progress=False)
     assert results["gone"]["missing"] and results["mc"]["accuracy"] == 1.0 and results["lm"]["n"] == 6
     assert summary["partial"] and summary["tasks"] == ["mc", "lm"] and summary["missing"] == ["gone"]
     assert summary["core"] == pytest.approx(1.0) and summary["core_se"] == 0.0
     line = core_eval.core_line(summary, 3)
     assert "PARTIAL" in line and "2 of 3" in line and "gone" in line and "APPROXIMATE" not in line
     assert "MISSING" in capsys.readouterr().out
-
-    path = tmp_path / "out" / "core.csv"
-    core_eval.write_core_csv(path, results, summary)
-    assert core_eval.read_results_csv(path) == ({"mc": 1.0, "lm": 1.0}, 1.0)
+    core_eval.write_core_csv(tmp_path / "out" / "core.csv", results, summary)
+    assert core_eval.read_results_csv(tmp_path / "out" / "core.csv") == ({"mc": 1.0, "lm": 1.0}, 1.0)
+    # the standard error of CORE: the tasks' centered errors, added in quadrature, over their count
+    summary = core_eval.core_summary({"a": dict(centered=0.2, centered_se=0.03),
+                                      "b": dict(centered=0.4, centered_se=0.04)})
+    assert summary["core"] == pytest.approx(0.3) and summary["core_se"] == pytest.approx(0.05 / 2)
+    r = core_eval.task_result(dict(type="multiple_choice", num_fewshot=0, baseline=0.62), 60, 100)
+    assert r["centered_se"] == pytest.approx(math.sqrt(0.6 * 0.4 / 100) / 0.38)
 
 
 def test_converted_tasks_fill_in_for_missing_files_and_are_marked(tmp_path, base_dir):
@@ -347,9 +314,8 @@ def test_converted_tasks_fill_in_for_missing_files_and_are_marked(tmp_path, base
                       "converted": "hellaswag_val_full.txt.bz2"}]
     assert [(r["context"], r["continuation"]) for r in squad] == [
         ("Context: Paris is in France.\nQuestion: Where is Paris?\nAnswer:", "France")]
-
     bundle = make_bundle(tmp_path / "bundle")  # its task "gone" is squad.jsonl, which the bundle lacks
-    results, summary = core_eval.run_core(MarkerModel(), FakeTokenizer(), bundle, "cpu", progress=False)
+    results, summary = core_eval.run_core(marker_model(), FakeTokenizer(), bundle, "cpu", progress=False)
     assert results["gone"]["n"] == 1 and not summary["partial"] and summary["approximate"] == ["gone"]
     assert "APPROXIMATE: gone" in core_eval.core_line(summary, 3)
     own = bundle / "eval_data" / "reading_comprehension" / "squad.jsonl"  # the bundle's own file wins
@@ -358,110 +324,51 @@ def test_converted_tasks_fill_in_for_missing_files_and_are_marked(tmp_path, base
     assert core_eval.load_bundle(bundle)[2]["path"] == own
 
 
-@pytest.mark.skipif(not (RAW / "hellaswag_val_full.txt.bz2").exists(), reason=f"no raw HellaSwag/SQuAD in {RAW}")
-def test_real_raw_files_convert_to_every_item(base_dir):
-    hella, squad = core_eval.convert_missing(RAW)
-    hella, squad = (core_eval.load_task_data({"path": path}) for path in (hella, squad))
-    assert len(hella) == 10042 and len(squad) == 10570
-    assert hella[1]["query"] == "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady"
-    assert hella[1]["gold"] == 3 and hella[1]["choices"][3] == "stands and lifts the weight over her head."
-    assert squad[2]["continuation"] == "Santa Clara, California"
-    assert squad[2]["context"].endswith("Arabic numerals 50.\nQuestion: Where did Super Bowl 50 take place?\nAnswer:")
-
-
-def test_core_standard_error_propagates():
-    results = {"a": dict(centered=0.2, centered_se=0.03), "b": dict(centered=0.4, centered_se=0.04)}
-    summary = core_eval.core_summary(results)
-    assert summary["core"] == pytest.approx(0.3) and summary["core_se"] == pytest.approx(0.05 / 2)
-    assert not summary["partial"]
-    r = core_eval.task_result(dict(type="multiple_choice", num_fewshot=0, baseline=0.62), 60, 100)
-    assert r["centered_se"] == pytest.approx(math.sqrt(0.6 * 0.4 / 100) / 0.38)
-
-
-def test_bad_bundle_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="core.yaml"):
-        core_eval.load_bundle(tmp_path)
-
-
-# ---------------------------------------------------------------------------
-# Download from a local server
-
-
-@pytest.fixture
-def server(tmp_path):
-    class QuietHandler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
+@pytest.mark.parametrize("layout", ["top folder", "flat", "not a zip"])
+def test_bundle_downloads_once_and_unzips_atomically(tmp_path, monkeypatch, base_dir, layout):
     root = tmp_path / "www"
-    root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-@pytest.mark.parametrize("top_folder", [True, False])
-def test_bundle_downloads_once_and_unzips_atomically(tmp_path, server, monkeypatch, base_dir, top_folder):
-    root, url = server
     bundle = make_bundle(tmp_path / "src" / "eval_bundle")
+    root.mkdir()
     with zipfile.ZipFile(root / "eval_bundle.zip", "w") as zf:  # the real zip has an eval_bundle/ folder
         for path in bundle.rglob("*"):
-            zf.write(path, path.relative_to(bundle.parent if top_folder else bundle))
-    monkeypatch.setenv(core_eval.BUNDLE_URL_ENV, f"{url}/eval_bundle.zip")
-    dest = core_eval.ensure_bundle()
-    assert dest == base_dir / "eval_bundle" and (dest / "eval_data" / "x" / "mc.jsonl").exists()
-    assert [t["label"] for t in core_eval.load_bundle(dest)] == ["mc", "lm", "gone"]
-    assert not (base_dir / "eval_bundle.zip").exists()
-    monkeypatch.setenv(core_eval.BUNDLE_URL_ENV, f"{url}/nothing-here.zip")
-    assert core_eval.ensure_bundle() == dest  # already there: no download
+            zf.write(path, path.relative_to(bundle.parent if layout == "top folder" else bundle))
+    if layout == "not a zip":
+        (root / "eval_bundle.zip").write_bytes(b"not a zip")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        monkeypatch.setenv(core_eval.BUNDLE_URL_ENV, f"{url}/eval_bundle.zip")
+        if layout == "not a zip":
+            with pytest.raises(UserError):
+                core_eval.ensure_bundle()
+            assert not (base_dir / "eval_bundle").exists() and not (base_dir / "eval_bundle.zip").exists()
+            return
+        dest = core_eval.ensure_bundle()
+        assert dest == base_dir / "eval_bundle" and (dest / "eval_data" / "x" / "mc.jsonl").exists()
+        assert [t["label"] for t in core_eval.load_bundle(dest)] == ["mc", "lm", "gone"]
+        assert not (base_dir / "eval_bundle.zip").exists()
+        monkeypatch.setenv(core_eval.BUNDLE_URL_ENV, f"{url}/nothing-here.zip")
+        assert core_eval.ensure_bundle() == dest  # already there: no download
+    finally:
+        httpd.shutdown()
 
 
-def test_bundle_download_that_is_not_a_zip_is_a_user_error(server, monkeypatch, base_dir):
-    root, url = server
-    (root / "bad.zip").write_bytes(b"not a zip")
-    monkeypatch.setenv(core_eval.BUNDLE_URL_ENV, f"{url}/bad.zip")
-    with pytest.raises(UserError, match="not give a zip"):
-        core_eval.ensure_bundle()
-    assert not (base_dir / "eval_bundle").exists()
-
-
-# ---------------------------------------------------------------------------
-# base_eval helpers
-
-
-def test_cli_flags():
-    args = base_eval.parse_args(["--eval", "core, sample", "--max-per-task", "5", "--source", "mid"])
-    assert args.evals == ["core", "sample"] and args.max_per_task == 5 and args.source == "mid"
-    assert base_eval.parse_args(["--max-per-task", "0"]).max_per_task == -1  # every item
-    with pytest.raises(SystemExit):
-        base_eval.parse_args(["--eval", "core,mmlu"])
-
-
-def test_report_section_has_the_summary_numbers(base_dir):
-    args = base_eval.parse_args(["--max-per-task", "3"])
-    results = {"mc": dict(type="multiple_choice", num_fewshot=0, n=3, accuracy=1.0, accuracy_se=0.0,
-                          centered=1.0, centered_se=0.0, baseline=0.25, correct=3),
-               "gone": dict(missing=True, type="schema", path="x")}
-    summary = core_eval.core_summary(results)
-    base_eval.write_report(args, "d4", 10, results, summary, {"train": 1.5, "val": 1.6}, ["hi"], 2, {"gpt2": 0.12})
-    data = json.loads((base_dir / "report" / "base-eval.json").read_text())
-    assert data["core"] == 1.0 and data["core_se"] == 0.0 and data["bpb"] == {"train": 1.5, "val": 1.6}
-    assert data["results"]["mc"]["accuracy"] == 1.0 and data["missing_tasks"] == ["gone"]
-    text = (base_dir / "report" / "base-eval.md").read_text()
-    assert "PARTIAL" in text and "| gone |" in text and "val bpb: 1.6" in text and "gpt2 CORE, same tasks" in text
-
+# --- base_eval end to end
 
 @pytest.mark.slow  # builds a real (tiny) GPT: the first model import pays for torch's lazy imports
 def test_main_end_to_end_on_a_tiny_model(tmp_path, base_dir, capsys):
-    """A random ~30k-parameter GPT through the whole CLI: CORE on a synthetic bundle, bpb, samples."""
+    """A random ~30k-parameter GPT through the whole CLI: CORE on a synthetic bundle, bpb, samples,
+    the report section."""
     from dataclasses import asdict
 
     import checkpoint
     from model import GPT, config_from_depth
     from tokenizer import Tokenizer, save_token_bytes
 
+    with pytest.raises(UserError):
+        base_eval.main(["--device", "cpu", "--eval", "sample"])  # no checkpoint yet
     tok = Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: no BPE training needed
     tok.save(base_dir / "tokenizer")
     save_token_bytes(tok, base_dir / "tokenizer")
@@ -474,8 +381,8 @@ def test_main_end_to_end_on_a_tiny_model(tmp_path, base_dir, capsys):
     for i in range(40):
         (texts / f"{i}.txt").write_text(f"Document {i}. " + "Some words about nothing in particular. " * 20)
     checkpoint.save_checkpoint("base", "d1", 3, model, None, {"model_config": asdict(config), "source": f"dir:{texts}"})
-    bundle = make_bundle(tmp_path / "bundle")
 
+    bundle = make_bundle(tmp_path / "bundle")
     base_eval.main(["--device", "cpu", "--bundle", str(bundle), "--split-tokens", "256", "--device-batch-size", "2"])
     out = capsys.readouterr().out
     assert "CORE: " in out and "PARTIAL" in out and "val bpb" in out
@@ -491,11 +398,8 @@ def test_main_end_to_end_on_a_tiny_model(tmp_path, base_dir, capsys):
         assert data["bpb"][split] == pytest.approx(math.log2(tok.get_vocab_size()), rel=0.02), split
     assert len(data["samples"]) == len(base_eval.SAMPLE_PROMPTS)
     assert data["samples"][0].startswith("The capital of France is")
+    text = (base_dir / "report" / "base-eval.md").read_text()
+    assert "PARTIAL" in text and "| gone |" in text and f"val bpb: {data['bpb']['val']:.4f}" in text
     # without --split-tokens a CPU evaluates 32,768 tokens per split (the d20 amount would take minutes)
     base_eval.main(["--device", "cpu", "--eval", "bpb", "--device-batch-size", "8"])
     assert "(32,768 tokens of dir:" in capsys.readouterr().out
-
-
-def test_main_without_checkpoint_is_a_user_error(base_dir):
-    with pytest.raises(UserError, match="no base checkpoint"):
-        base_eval.main(["--device", "cpu", "--eval", "sample"])

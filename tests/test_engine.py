@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from calculator import Refused, calculator, safe_eval
-from engine import Engine, StreamDecoder, assistant_parts, chat_prompt, sample_next
+from engine import Engine, StreamDecoder, assistant_parts, chat_prompt, sample_next, shown
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -19,20 +19,17 @@ Hello! How are you today? I am fine, thank you. What is the capital of France? P
 """
 
 
-# ---------------------------------------------------------------------------
-# Fixtures shared with test_chat_cli.py and test_chat_web.py
+# --- Fixtures shared with test_chat_cli.py and test_chat_web.py
+
+def make_tokenizer():
+    return Tokenizer.train_from_iterator([TEXT * 20] + TEXT.split("\n"), vocab_size=400)
 
 
-def make_tokenizer(vocab_size=400):
-    return Tokenizer.train_from_iterator([TEXT * 20] + TEXT.split("\n"), vocab_size=vocab_size)
-
-
-def make_model(vocab_size, seed=0, sequence_len=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64):
+def make_model(vocab_size, sequence_len=256):
     """A random GPT with weights large enough that its greedy choices are not all the same token."""
-    torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer,
-                       n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
-    model = GPT(config)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                          n_embd=64))
     model.init_weights()
     with torch.no_grad():
         for p in model.parameters():
@@ -40,17 +37,17 @@ def make_model(vocab_size, seed=0, sequence_len=256, n_layer=2, n_head=4, n_kv_h
     return model.eval()
 
 
-def save_tiny_checkpoint(base_dir, stage="base", tag="d2", vocab_size=400):
-    """A tokenizer and a one-step checkpoint of `stage` under base_dir (written there whatever
+def save_tiny_checkpoint(base_dir, stage="base"):
+    """A tokenizer and a one-step checkpoint d2 of `stage` under base_dir (written there whatever
     SPEEDCHAT_BASE_DIR says, which is restored afterwards)."""
     import checkpoint
 
-    tok = make_tokenizer(vocab_size)
+    tok = make_tokenizer()
     tok.save(base_dir / "tokenizer")
     model = make_model(tok.get_vocab_size())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPEEDCHAT_BASE_DIR", str(base_dir))
-        checkpoint.save_checkpoint(stage, tag, 1, model, None, {"model_config": asdict(model.config)})
+        checkpoint.save_checkpoint(stage, "d2", 1, model, None, {"model_config": asdict(model.config)})
     return tok, model
 
 
@@ -64,15 +61,18 @@ def model(tok):
     return make_model(tok.get_vocab_size())
 
 
-# ---------------------------------------------------------------------------
-# Cached engine == naive recompute
+@pytest.fixture
+def uncompiled(monkeypatch):
+    """The compiled decode path's code with its step run as written (torch.compile = identity)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
 
+
+# --- Cached engine == naive recompute
 
 @torch.no_grad()
 def naive_greedy(model, prompt, max_tokens, stop_tokens):
     """Recompute the whole sequence every step, take the argmax."""
-    ids = list(prompt)
-    out = []
+    ids, out = list(prompt), []
     for _ in range(max_tokens):
         logits = model(torch.tensor([ids]))[0, -1]
         token = int(torch.argmax(logits))
@@ -83,88 +83,49 @@ def naive_greedy(model, prompt, max_tokens, stop_tokens):
     return out
 
 
+@pytest.mark.parametrize("decode", ["eager", "compiled"])
 @pytest.mark.parametrize("num_samples", [1, 3])
-def test_greedy_matches_naive_recompute(tok, model, num_samples):
-    engine = Engine(model, tok)
+def test_greedy_matches_naive_recompute(tok, model, num_samples, decode, uncompiled):
+    """Both decode paths; the compiled one keeps its decoder (static cache) from prompt to prompt."""
+    engine = Engine(model, tok, decode=decode)
     prompts = [[tok.get_bos_token_id()], tok.encode("Hello! How are", prepend="<|bos|>"),
                tok.encode(TEXT[:300], prepend="<|bos|>")]
     for prompt in prompts:
         expected = naive_greedy(model, prompt, 24, engine.stop_tokens)
         assert engine.python_start not in expected, "the random model calls the tool: pick another seed"
         results, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=24, temperature=0.0)
-        assert len(results) == num_samples
-        for row, mask in zip(results, masks):
-            assert row[: len(prompt)] == prompt
-            assert row[len(prompt):] == expected
-            assert mask == [0] * len(prompt) + [1] * len(expected)
-    assert len(set(map(tuple, (naive_greedy(model, p, 24, set()) for p in prompts)))) > 1
+        assert results == [prompt + expected] * num_samples
+        assert masks == [[0] * len(prompt) + [1] * len(expected)] * num_samples
+    assert len(set(naive_greedy(model, prompts[1], 24, engine.stop_tokens))) > 10  # the check has teeth
+    assert sorted(engine._decoders) == ([num_samples] if decode == "compiled" else [])
 
 
-class Recorder(nn.Module):
-    """Wraps a model and keeps the last-position logits of every call the engine makes."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner, self.config, self.calls = model, model.config, []
-
-    def forward(self, idx, kv_cache=None, positions=None):
-        logits = self.inner(idx, kv_cache=kv_cache, positions=positions)
-        self.calls.append((logits if positions is not None else logits[:, -1]).clone())
-        return logits
-
-
-def test_batched_rows_see_their_own_history(tok, model):
-    """Rows that diverge (sampling) must each get the logits of their own full sequence."""
-    recorder = Recorder(model)
-    engine = Engine(recorder, tok)
-    prompt = tok.encode("The quick brown", prepend="<|bos|>")
-    columns = list(engine.generate(prompt, num_samples=4, max_tokens=12, temperature=1.5, seed=3))
-    rows = [prompt + [col[r] for col, _ in columns] for r in range(4)]
-    assert len(set(map(tuple, rows))) > 1, "rows should differ at temperature 1.5"
-    with torch.no_grad():
-        for step, logits in enumerate(recorder.calls):
-            for r in range(4):
-                full = model(torch.tensor([rows[r][: len(prompt) + step]]))[0, -1]
-                # (torch.testing.assert_close would import torch.distributed: seconds, for nothing)
-                assert (logits[min(r, logits.size(0) - 1)] - full).abs().max() < 2e-4, (step, r)
-
-
-def test_seed_reproducible_and_varied(tok, model):
-    engine = Engine(model, tok)
+def test_seed_reproducible_and_varied(tok, model, uncompiled):
     prompt = tok.encode("Hello", prepend="<|bos|>")
     kw = dict(num_samples=4, max_tokens=16, temperature=1.0, top_k=50, top_p=0.95)
-    a, _ = engine.generate_batch(prompt, seed=7, **kw)
-    b, _ = engine.generate_batch(prompt, seed=7, **kw)
-    c, _ = engine.generate_batch(prompt, seed=8, **kw)
-    assert a == b
-    assert a != c
-
-
-def test_sample_next_support():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.log(torch.tensor([[0.05, 0.6, 0.3, 0.05]])).expand(2000, -1)
-    assert set(sample_next(logits, gen, 1.0, top_k=2).tolist()) == {1, 2}
-    assert set(sample_next(logits, gen, 1.0, top_p=0.5).tolist()) == {1}
-    assert set(sample_next(logits, gen, 1.0, top_p=0.8).tolist()) == {1, 2}
-    assert set(sample_next(logits, gen, 1.0).tolist()) == {0, 1, 2, 3}
-    assert sample_next(logits[:3], gen, 0.0).tolist() == [1, 1, 1]
+    eager, fast = Engine(model, tok, decode="eager"), Engine(model, tok, decode="compiled")
+    a = eager.generate_batch(prompt, seed=7, **kw)[0]
+    assert a == eager.generate_batch(prompt, seed=7, **kw)[0] == fast.generate_batch(prompt, seed=7, **kw)[0]
+    assert a != eager.generate_batch(prompt, seed=8, **kw)[0] and len(set(map(tuple, a))) > 1
 
 
 def test_sample_next_follows_the_softmax():
-    """Sampled frequencies match softmax(logits / temperature) (20k draws: each frequency within
-    ~4 standard errors), also when top-k renormalises over the kept tokens."""
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20_000, 1)
-    for temperature, top_k in ((1.0, None), (0.5, None), (1.0, 2)):
-        gen = torch.Generator().manual_seed(1)
-        freq = torch.bincount(sample_next(logits, gen, temperature, top_k=top_k), minlength=4).double() / 20_000
-        kept = logits[0] if top_k is None else torch.tensor([2.0, 1.0, -float("inf"), -float("inf")])
-        expect = torch.softmax(kept.double() / temperature, dim=-1)
-        assert (freq - expect).abs().max() < 4 * (0.25 / 20_000) ** 0.5 + 1e-9, (temperature, top_k, freq, expect)
+    """Sampled frequencies match softmax(logits / temperature) over the tokens top-k / top-p keep
+    (20k draws: each frequency within ~4 standard errors); temperature 0 is the argmax."""
+    logits = torch.log(torch.tensor([[0.05, 0.6, 0.3, 0.05]])).repeat(20_000, 1)
+    gen = torch.Generator().manual_seed(1)
+    for temperature, top_k, top_p, kept in ((1.0, None, None, [0, 1, 2, 3]), (0.5, None, None, [0, 1, 2, 3]),
+                                            (1.0, 2, None, [1, 2]), (1.0, None, 0.5, [1]), (1.0, None, 0.8, [1, 2])):
+        sampled = sample_next(logits, gen, temperature, top_k=top_k, top_p=top_p)
+        freq = torch.bincount(sampled, minlength=4).double() / 20_000
+        expect = torch.full((4,), -float("inf"), dtype=torch.double)
+        expect[kept] = logits[0, kept].double() / temperature
+        assert (freq - expect.softmax(-1)).abs().max() < 4 * (0.25 / 20_000) ** 0.5, (temperature, top_k, top_p, freq)
+        assert (freq[expect == -float("inf")] == 0).all()
+    assert sample_next(logits[:3], gen, 0.0).tolist() == [1, 1, 1]
 
 
-# ---------------------------------------------------------------------------
-# Tool use, stops and the token budget, with a model whose choices are scripted
-
+# --- Tool use, stops and the token budget, with a model whose choices are scripted
 
 class Scripted(nn.Module):
     """The real model on both decode paths (so the cache advances), with the token at given
@@ -198,12 +159,6 @@ def script(start, tokens):
     return {start + i: t for i, t in enumerate(tokens)}
 
 
-@pytest.fixture
-def uncompiled(monkeypatch):
-    """The compiled decode path's code with its step run as written (torch.compile = identity)."""
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-
-
 @pytest.mark.parametrize("decode", ["eager", "compiled"])
 def test_tool_use_forces_output(tok, model, decode, uncompiled):
     """Calculator answers are forced in (mask 0) and fed to the model instead of what it sampled; a
@@ -234,16 +189,27 @@ def test_tool_use_forces_output(tok, model, decode, uncompiled):
     assert sum(1 for _, m in columns if m[0] == 0) == len(forced[0]) and all(m[1] == 1 for _, m in columns)
 
 
+@pytest.mark.parametrize("decode", ["eager", "compiled"])
+def test_rows_that_diverge_each_continue_their_own_history(tok, model, decode, uncompiled):
+    """Rows are pushed apart after the shared first token, then decode greedily: each must get the
+    logits of its own sequence."""
+    prompt = tok.encode("The quick brown", prepend="<|bos|>")
+    head = prompt + naive_greedy(model, prompt, 1, set())
+    pushes = [tok.encode(words) for words in (" fox", " lazy dog", " 12 +")]
+    engine = Engine(Scripted(model, [script(len(head), push) for push in pushes]), tok, decode=decode)
+    results, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=14, temperature=0.0)
+    for row, push in zip(results, pushes):
+        assert row == head + push + naive_greedy(model, head + push, 13 - len(push), engine.stop_tokens)
+
+
 def test_stops_and_budget(tok, model):
     bos, end = tok.get_bos_token_id(), tok.encode_special("<|assistant_end|>")
-    prompt = tok.encode("Hi", prepend="<|bos|>")
+    prompt, words = tok.encode("Hi", prepend="<|bos|>"), tok.encode(" hello there")
     P = len(prompt)
-    words = tok.encode(" hello there")
     scripts = [script(P, words + [end]), script(P, words[:1] + [bos])]
     engine = Engine(Scripted(model, scripts), tok)
     results, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=50, temperature=0.0)
-    assert results[0][P:] == words
-    assert results[1][P:] == words[:1]
+    assert [row[P:] for row in results] == [words, words[:1]]
     # the stream ends as soon as every row has stopped
     assert len(list(engine.generate(prompt, num_samples=2, max_tokens=50, temperature=0.0))) == len(words) + 1
     # and never runs past max_tokens
@@ -254,20 +220,20 @@ def test_stops_and_budget(tok, model):
     assert list(free.generate(prompt, max_tokens=0)) == []
 
 
-def test_cache_longer_than_sequence_len(tok):
-    """Generating past the model's sequence_len keeps working (the cache and rotary grow)."""
+@pytest.mark.parametrize("decode", ["eager", "compiled"])
+def test_cache_longer_than_sequence_len(tok, decode, uncompiled):
+    """Generating past the model's sequence_len keeps working (the cache and rotary grow); the
+    compiled path, whose cache is the context, leaves such a reply to the eager loop."""
     small = make_model(tok.get_vocab_size(), sequence_len=16)
     prompt = tok.encode(TEXT[:60], prepend="<|bos|>")[:12]
-    engine = Engine(small, tok)
-    stop = engine.stop_tokens
-    expected = naive_greedy(small, prompt, 30, stop)
-    results, _ = engine.generate_batch(prompt, max_tokens=30, temperature=0.0)
-    assert results[0][len(prompt):] == expected
+    engine = Engine(small, tok, decode=decode)
+    expected = naive_greedy(small, prompt, 30, engine.stop_tokens)
+    assert len(prompt + expected) > 16
+    assert engine.generate_batch(prompt, max_tokens=30, temperature=0.0)[0] == [prompt + expected]
+    assert not engine._decoders
 
 
-# ---------------------------------------------------------------------------
-# The calculator
-
+# --- The calculator
 
 @pytest.mark.parametrize("expr, expected", [
     ("12+30", "42"), ("2 + 3 * 4", "14"), ("(1 + 2) ** 3", "27"), ("-5 // 2", "-3"), ("7 / 2", "3.5"),
@@ -299,22 +265,14 @@ def test_calculator_refuses(expr):
     assert time.perf_counter() - t0 < 5  # refused before any costly work (e.g. 'a' * 10 ** 9), busy CI included
 
 
-# ---------------------------------------------------------------------------
-# Text helpers
+# --- Text helpers
 
-
-def test_stream_decoder_holds_split_characters():
+def test_stream_decoder_holds_split_characters_and_shown_replaces_markers():
     byte_tok = Tokenizer({bytes([i]): i for i in range(256)})
     decoder = StreamDecoder(byte_tok)
-    pieces = [decoder.add(t) for t in byte_tok.encode("aé€!")]
-    assert pieces == ["a", "", "é", "", "", "€", "!"]
+    assert [decoder.add(t) for t in byte_tok.encode("aé€!")] == ["a", "", "é", "", "", "€", "!"]
     assert decoder.text() == "aé€!"
     assert decoder.add(0xE2) == "" and decoder.flush() == "\ufffd"
-
-
-def test_shown_replaces_markers_anywhere_in_a_piece():
-    from engine import shown
-
     # a held-back partial character can arrive in one piece with the marker after it
     assert shown("\ufffd<|python_start|>1+2") == "\ufffd[calculator: 1+2"
     assert shown("<|python_end|><|output_start|>3<|output_end|> ok") == " -> 3] ok"
@@ -327,8 +285,7 @@ def test_assistant_parts_round_trip(tok):
              + [special("<|python_end|>"), special("<|output_start|>")] + tok.encode("3")
              + [special("<|output_end|>")] + tok.encode(" There are 3."))
     text = tok.decode(reply)
-    parts = assistant_parts(text)
-    assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+    assert [p["type"] for p in assistant_parts(text)] == ["text", "python", "python_output", "text"]
     assert assistant_parts("plain words") == "plain words"
     messages = [{"role": "user", "content": "How many r?"}, {"role": "assistant", "content": text},
                 {"role": "user", "content": "thanks"}]

@@ -1,8 +1,11 @@
 """export.py: the Hugging Face folder loads with transformers and computes what we compute: the same
 logits, the same greedy tokens, the same token ids, the same rendered conversations."""
 
+import argparse
 import inspect
 import json
+import random
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -10,7 +13,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+import checkpoint
 import export
+from conftest import assert_close, link_base_dir
 from engine import Engine
 from test_engine import make_model
 from tokenizer import Tokenizer
@@ -21,18 +26,12 @@ MIXED = "Hello world! 12345 café, naïve 😀 — tabs\tand\n\nnewlines  spaces
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A tokenizer trained on real text (Python's own sources) and a random model, exported in fp32."""
-    import argparse, json as json_module, random  # noqa: E401
-
-    text = "".join(inspect.getsource(m) for m in (argparse, json_module, random))
-    tok = Tokenizer.train_from_iterator([text], vocab_size=1200)
+    tok = Tokenizer.train_from_iterator([inspect.getsource(m) for m in (argparse, json, random)], vocab_size=1200)
     base = tmp_path_factory.mktemp("base")
     tok.save(base / "tokenizer")
     model = make_model(tok.get_vocab_size(), sequence_len=256)  # windows of 128 on the short layers
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPEEDCHAT_BASE_DIR", str(base))
-        import checkpoint
-        from dataclasses import asdict
-
         checkpoint.save_checkpoint("sft", "d2", 1, model, None, {"model_config": asdict(model.config)})
         out = export.export("sft", base / "hf", dtype="float32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
@@ -40,18 +39,13 @@ def folder(tmp_path_factory):
     return out, tok, model, hf, hf_tok
 
 
-def test_logits_match_ours(folder):
+def test_logits_and_greedy_tokens_match_ours(folder):
     _, tok, model, hf, _ = folder
     long_prompt = tok.encode(MIXED * 8, prepend="<|bos|>")[:200]  # longer than the 128-token window
     assert len(long_prompt) == 200
     for ids in (tok.encode("Hello", prepend="<|bos|>"), tok.encode(MIXED, prepend="<|bos|>"), long_prompt):
-        x = torch.tensor([ids])
         with torch.no_grad():
-            torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)
-
-
-def test_greedy_generation_matches_our_engine(folder):
-    _, tok, model, hf, _ = folder
+            assert_close(hf(torch.tensor([ids])).logits, model(torch.tensor([ids])), atol=1e-4, rtol=0)
     prompt = tok.encode("The quick brown fox", prepend="<|bos|>")
     ours, _ = Engine(model, tok, decode="eager").generate_batch(prompt, max_tokens=32, temperature=0.0)
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0].tolist()
@@ -79,29 +73,18 @@ def test_tokenizer_and_chat_template_match(folder):
     assert list(ids) == tok.render_for_completion(conversation)
 
 
-def test_folder_contents(folder):
-    out = folder[0]
-    names = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json", "README.md", "hf_modeling.py", "model.py", "attention.py"} <= names
-    config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForCausalLM"] == "hf_modeling.SpeedchatForCausalLM"
-
-
 def test_trained_model_and_its_card(trained, tmp_path, monkeypatch):
     """The session's trained sft model: same logits through transformers, and a card built from its report."""
     import yaml
 
-    from conftest import link_base_dir
-
     link_base_dir(trained, tmp_path, monkeypatch, checkpoints=["sft"])
     (tmp_path / "report").symlink_to(trained / "report")
     out = export.export("sft", tmp_path / "hf", dtype="float32")
-    model, tok, _ = __import__("checkpoint").load_model("sft", "cpu")
+    model, tok, _ = checkpoint.load_model("sft", "cpu")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     x = torch.tensor([tok.encode("def main():\n    return", prepend="<|bos|>")])
     with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)
+        assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["pipeline_tag"] == "text-generation" and front["license"] and "speedchat" in front["tags"]

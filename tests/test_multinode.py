@@ -12,16 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
+from test_optim import run_ranks
+
 TINY = ["--device", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "64",
         "--device-batch-size", "2", "--total-batch-size", "256", "--num-iterations", "3", "--eval-tokens", "256",
         "--sample-every", "-1", "--save-every", "-1"]
-
-
-def torchrun(base_dir, flags, tag):
-    env = dict(os.environ, SPEEDCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", *flags, "-m", "base_train", "--", *TINY, "--model-tag", tag]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def weights(base_dir, tag):
@@ -30,14 +25,19 @@ def weights(base_dir, tag):
 
 @pytest.mark.slow
 def test_two_nodes_train_what_one_node_with_two_processes_trains(base_dir):
+    import base_train
+
     with socket.socket() as s:  # a free port for the rendezvous (torchrun binds it on node 0)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    nodes = [torchrun(base_dir, ["--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
-                                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t"],
-                      "nodes") for r in (0, 1)]
-    single = torchrun(base_dir, ["--standalone", "--nproc-per-node", "2"], "single")
-    for proc in nodes + [single]:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t"]
+    train = ["-m", "base_train", "--", *TINY, "--model-tag", "nodes"]
+    nodes = [subprocess.Popen(torchrun + ["--node-rank", str(r)] + train, cwd=Path(__file__).parents[1],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    run_ranks(lambda rank: base_train.main(TINY + ["--model-tag", "single"]))  # one node, two processes
+    for proc in nodes:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
     two_nodes, one_node = weights(base_dir, "nodes"), weights(base_dir, "single")
