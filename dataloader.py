@@ -322,7 +322,9 @@ class _Packer:
         return max(range(len(weights)), key=lambda s: weights[s] * n - self.sources[s]["stage_tokens"])
 
     def _draw(self) -> bool:
-        """Move the next document of the mixture into the buffer (False: stopped while waiting)."""
+        """Move the next document of the mixture into the buffer; with one source, the rest of its
+        row group (the buffer then holds buffer_size to buffer_size + row group - 1 documents).
+        False: stopped while waiting."""
         s = self._pick()
         src = self.sources[s]
         while self.current[s] is None:
@@ -332,9 +334,11 @@ class _Packer:
             except queue.Empty:
                 if self.stopped.is_set():
                     return False
-        tokens = self.current[s][src["doc"]]
-        self._add(s, src["unit"], src["doc"], tokens)
-        src["doc"], src["drawn"], src["stage_tokens"] = src["doc"] + 1, src["drawn"] + 1, src["stage_tokens"] + len(tokens)
+        end = len(self.current[s]) if len(self.weights[self.stage]) == 1 else src["doc"] + 1
+        for doc in range(src["doc"], end):
+            self._add(s, src["unit"], doc, self.current[s][doc])
+            src["stage_tokens"] += len(self.current[s][doc])
+        src["doc"], src["drawn"] = end, src["drawn"] + end - src["doc"]
         if src["doc"] == len(self.current[s]):  # the row group is used up: the next one
             last = src["unit"] + 1 == self.num_units[s]
             src["epoch"], src["unit"], src["doc"] = src["epoch"] + last, 0 if last else src["unit"] + 1, 0

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 import download
-from common import UserError, get_base_dir, print0, run_main
+from common import UserError, checked, get_base_dir, print0, run_main
 from corpora import ParquetError, build_from_dir, build_stdlib_docs, check_parquet, shard_name
 from download import DownloadError, download_file, request  # noqa: F401  (the project's one download path)
 
@@ -257,17 +257,11 @@ def download_shards(source: str, num_shards: int, workers: int = 8, url: str | N
 # CLI
 
 
-def _num_shards(text):
-    if int(text) < -1:  # -1 means all: a typo like -5 must not download every shard
-        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for all, got {text}")
-    return int(text)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Download or build pretraining shards.")
     parser.add_argument("--source", type=mixture_name, default="fineweb-edu",
                         help=f"{SOURCES_HELP} (each source of a mixture is downloaded or built; default fineweb-edu)")
-    parser.add_argument("-n", "--num-shards", type=_num_shards, default=8,
+    parser.add_argument("-n", "--num-shards", type=checked(int, lambda v: v >= -1, ">= 0, or -1 for all"), default=8,
                         help="fineweb-edu / climbmix: download the first N train shards plus the last (validation); "
                              "-1 = all; a d20 run uses 240 of fineweb-edu (default: %(default)s)")
     parser.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads (default: %(default)s)")

@@ -334,14 +334,11 @@ def generate(copy_to: Path | None, gpu_hour_usd: float | None = None):
 
 def run_sections(run: str) -> dict:
     """{section: data} of a run: a folder (a base dir holding report/, or a report folder), or a
-    model tag (this base dir's sections of that tag, and the copies kept per tag)."""
+    model tag of this base dir (the sections kept for it)."""
     folder = Path(run).expanduser()
     folder = folder / "report" if (folder / "report").is_dir() else folder
-    if folder.is_dir():
-        return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.stem != "header"}
-    sections = {p.stem: json.loads(p.read_text()) for p in sorted(report_dir().glob("*.json"))}
-    sections = {name: data for name, data in sections.items() if data.get("tag") == run}
-    return dict(sections, **{p.stem: json.loads(p.read_text()) for p in sorted((report_dir() / "tags" / run).glob("*.json"))})
+    folder = folder if folder.is_dir() else report_dir() / "tags" / run
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.stem != "header"}
 
 
 def metrics(sections: dict) -> dict:
