@@ -39,10 +39,10 @@ HF_URL = "https://huggingface.co/datasets/{}/resolve/main"
 OFFLINE_HINT = "use an offline source instead: --source stdlib-docs or --source dir:PATH"
 
 
-
 class BadSource(UserError, argparse.ArgumentTypeError):
     """A source, mixture or schedule that cannot be read: a one-line error at the flag (argparse)
     or wherever else it is named (run_main)."""
+
 
 # ---------------------------------------------------------------------------
 # Sources and their folders
@@ -140,7 +140,7 @@ def parse_schedule(text: str) -> list[tuple[float, str]]:
     starts = [start for start, _ in stages]
     if not stages or starts[0] != 0 or not all(a < b < 1 for a, b in zip(starts, starts[1:])):
         raise BadSource(f"{text!r}: stages FRACTION:MIXTURE separated by ';', the first at 0, "
-                                         "the fractions increasing and below 1")
+                        "the fractions increasing and below 1")
     return stages
 
 
