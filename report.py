@@ -56,9 +56,10 @@ def write_section(name: str, title: str, data: dict, text: str = ""):
     if text:
         lines += ["", text.rstrip()]
     atomic_write(report_dir() / f"{name}.md", "\n".join(lines) + "\n")
-    atomic_write(report_dir() / f"{name}.json", json.dumps(data, indent=2, sort_keys=True))
-    if data.get("tag"):  # kept per model tag, for `compare` after a run of another tag replaced the section
-        atomic_write(report_dir() / "tags" / str(data["tag"]) / f"{name}.json", json.dumps(data, indent=2, sort_keys=True))
+    numbers = json.dumps(data, indent=2, sort_keys=True)
+    atomic_write(report_dir() / f"{name}.json", numbers)
+    if data.get("tag"):  # kept per model tag too, for `compare` after a run of another tag replaced the section
+        atomic_write(report_dir() / "tags" / str(data["tag"]) / f"{name}.json", numbers)
 
 
 def shown(key: str, value) -> str:
