@@ -23,6 +23,11 @@ validation tokens (--eval-tokens).
 --fp8 runs the blocks' matmuls in float8 (fp8.py; SM89+ GPUs such as the H100, or CPU for tests).
 SPEEDCHAT_DTYPE may force bfloat16 or float32; float16 is refused (it would need a gradient scaler).
 
+Data: --source names a source or a weighted mixture ("climbmix:0.9,dir:/data/math:0.1": shares of
+the tokens, whole documents drawn in turn); --source-schedule changes the mixture at fractions of training (dataset.py).
+--init-from base[:tag[:step]] continues pretraining from that model's weights (not its optimizer or
+data position) with this run's own horizon, schedule and data; the model must have the same shape.
+
 Checkpoints go to $SPEEDCHAT_BASE_DIR/checkpoints/base/<--model-tag, default d<depth>>/ every
 --save-every steps and at the end; --resume continues exactly where the last one left off
 (model, optimizer, data position, RNG, loss average).
@@ -34,13 +39,17 @@ from dataclasses import asdict
 
 import torch
 
+import checkpoint
 import dataset
 import training
-from common import FRACTION, POSITIVE, POSITIVE_OR_ALL, POSITIVE_RATE, UserError, parse_args, print0, run_main
+from common import (FRACTION, POSITIVE, POSITIVE_OR_ALL, POSITIVE_RATE, UserError, checked, parse_args, print0,
+                    run_main)
 from dataloader import DataLoader
 from fp8 import convert_to_fp8, fp8_supported
 from model import GPT, config_from_depth
 
+INIT_FROM = checked(str, lambda v: len(v.split(":")) <= 3 and v.split(":")[0] == "base" and
+                    (v.count(":") < 2 or v.split(":")[2].isdigit()), "base, base:TAG or base:TAG:STEP")
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -54,8 +63,13 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Pretrain a GPT (the base model). Every size is derived from --depth.")
     training.add_flags(p, device_batch_size=32, eval_every=250, save_every=1000, warmdown_ratio=0.2)
     g = p.add_argument_group("pretraining")
-    g.add_argument("--source", default="", help="pretraining source: fineweb-edu | stdlib-docs | dir:PATH "
+    g.add_argument("--source", type=dataset.mixture_name, default="", help=f"pretraining source: {dataset.SOURCES_HELP} "
                    "('' = fineweb-edu on CUDA, stdlib-docs otherwise)")
+    g.add_argument("--source-schedule", type=dataset.parse_schedule, default=None,
+                   help="mixtures that change at fractions of training, replacing --source: "
+                        "'0:fineweb-edu;0.8:fineweb-edu:0.7,dir:/data/math:0.3', or a file with one FRACTION:MIXTURE a line")
+    g.add_argument("--init-from", type=INIT_FROM, default=None,
+                   help="base[:tag[:step]]: start from that base model's weights (not its optimizer or data position)")
     g.add_argument("--fp8", action="store_true",
                    help="run the transformer blocks' matmuls (attention and MLP) in float8 with dynamic tensorwise "
                         "scaling (fp8.py; embedding and lm_head stay in the training dtype); needs a GPU of compute "
@@ -89,6 +103,54 @@ def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, fi
     return progress + (1 - progress) * final_lr_frac
 
 
+def init_from(run, model, spec):
+    """--init-from base[:tag[:step]]: that checkpoint's identity, for the checkpoint and the report; a
+    fresh run copies its weights into `model` (a resumed one has its own), refusing a model of another
+    shape or tokenizer."""
+    _, tag, step = (spec.split(":") + ["", ""])[:3]
+    origin = training.source_identity("base", *checkpoint.resolve("base", tag or None, int(step) if step else None))
+    if run.resumed is None:
+        state, _, meta = checkpoint.load_checkpoint("base", origin["tag"], origin["step"], run.device)
+        state, fingerprint = checkpoint.clean_state_dict(state), run.tokenizer.fingerprint()
+        shapes = lambda weights: {k: tuple(v.shape) for k, v in weights.items()}  # noqa: E731
+        if shapes(state) != shapes(model.state_dict()) or meta.get("tokenizer", fingerprint) != fingerprint:
+            mine, theirs = asdict(model.config), meta["model_config"]
+            raise UserError(f"--init-from {spec}: {training.describe(origin)} does not fit this run (its model: "
+                            f"{shape(theirs)}, tokenizer {meta.get('tokenizer', fingerprint)}; this run: {shape(mine)}, "
+                            f"tokenizer {fingerprint}): pass its --depth, --aspect-ratio, --head-dim, with its tokenizer")
+        model.load_state_dict(state)
+    return origin
+
+
+def data_stages(run, args):
+    """[(fraction of training, mixture), ...] from --source-schedule or --source, each source ready."""
+    stages = args.source_schedule or [(0.0, args.source or ("fineweb-edu" if run.device.type == "cuda" else "stdlib-docs"))]
+    if run.master:
+        for _, mixture in stages:  # builds stdlib-docs on first use; clear error if shards are missing
+            dataset.ensure_source(mixture)
+    if run.ddp:
+        torch.distributed.barrier()
+    return stages
+
+
+def data_report(batches, stages, origin, device) -> dict:
+    """The report's lines on the data: the schedule, the starting point, tokens and epochs of each source."""
+    data = batches.source_report(device)  # summed over ranks
+    print0("data: " + ", ".join(f"{name} {d['tokens']:,} tokens ({d['epochs']:.3f} epochs)" for name, d in data.items()))
+    return dict(**({"source_schedule": spelled(stages)} if len(stages) > 1 else {}),
+                init_from=training.describe(origin) if origin else "none (from scratch)",
+                tokens={name: d["tokens"] for name, d in data.items()}, epochs={name: d["epochs"] for name, d in data.items()})
+
+
+def spelled(stages):  # a schedule as --source-schedule spells it; one stage: its mixture
+    return ";".join(f"{start:g}:{mixture}" for start, mixture in stages) if len(stages) > 1 else stages[0][1]
+
+
+def shape(config):
+    return (f"{config['n_layer']} layers of width {config['n_embd']}, {config['n_head']} heads "
+            f"({config['n_kv_head']} kv), vocab {config['vocab_size']}")
+
+
 def main(argv=None):
     args = get_args(argv)
     with training.Run(args, "base", args.model_tag or f"d{args.depth}") as run:
@@ -97,33 +159,32 @@ def main(argv=None):
 
 def train(run, args):
     device, B, T = run.device, args.device_batch_size, args.max_seq_len
-    source = args.source or ("fineweb-edu" if device.type == "cuda" else "stdlib-docs")
     if args.fp8 and not fp8_supported(device)[0]:
         raise UserError(f"--fp8: {fp8_supported(device)[1]}: train without --fp8")
-    if run.master:
-        dataset.ensure_source(source)  # builds stdlib-docs on first use; clear error if shards are missing
-    if run.ddp:
-        torch.distributed.barrier()
+    stages = data_stages(run, args)
+    source, schedule = stages[-1][1], [list(stage) for stage in stages] if len(stages) > 1 else None
 
     # the model: every size from --depth
     config = config_from_depth(args.depth, run.tokenizer.get_vocab_size(), sequence_len=T,
                                aspect_ratio=args.aspect_ratio, head_dim=args.head_dim)
-    run.check_resumed(model_config=asdict(config), source=source)
     with torch.device(device):
         model = GPT(config)
     model.init_weights()
+    origin = init_from(run, model, args.init_from) if args.init_from else None
+    run.check_resumed(model_config=asdict(config), source=source, source_schedule=schedule, init_from=origin)
     if args.fp8:  # before torch.compile; the parameters stay the same objects
         print0(f"fp8: {convert_to_fp8(model)} linear layers of the blocks compute in float8")
     num_params = model.num_params()["total"]
     total_batch_size, grad_accum = training.derive_batch(B, T, args.total_batch_size, run.world_size)
     num_iterations = (args.num_iterations if args.num_iterations > 0
                       else max(1, int(args.target_param_data_ratio * num_params) // total_batch_size))
-    batches = DataLoader(run.tokenizer, B, T, split="train", source=source, device=device, rank=run.rank,
-                         world_size=run.world_size)
+    batches = DataLoader(run.tokenizer, B, T, split="train", device=device, rank=run.rank, world_size=run.world_size,
+                         source=[(round(start * num_iterations) * grad_accum, mixture) for start, mixture in stages])
     run.prepare(model, batches)
     tokens = total_batch_size * num_iterations
     print0(f"model {run.tag}: {asdict(config)}")
-    print0(f"parameters: {num_params:,} | FLOPs/token: {run.flops_per_token:.3e} | source: {source}")
+    print0(f"parameters: {num_params:,} | FLOPs/token: {run.flops_per_token:.3e} | source: {spelled(stages)}"
+           + (f" | from {training.describe(origin)}" if origin else ""))
     print0(f"batch: {total_batch_size:,} tokens/step = {B} x {T} x {run.world_size} processes x {grad_accum} "
            f"accumulation | steps: {num_iterations:,} | tokens: {tokens:,} ({tokens / num_params:.1f}/param)")
 
@@ -154,13 +215,14 @@ def train(run, args):
               schedule=lambda step, progress: lr_multiplier(step, num_iterations, args.warmup_ratio,
                                                             args.warmdown_ratio, args.final_lr_frac),
               progress=lambda step: step / num_iterations, momentum=training.muon_momentum,
-              meta=dict(source=source, total_batch_size=total_batch_size, grad_accum_steps=grad_accum,
-                        num_iterations=num_iterations, eval_steps=eval_steps))
+              meta=dict(source=source, source_schedule=schedule, init_from=origin, total_batch_size=total_batch_size,
+                        grad_accum_steps=grad_accum, num_iterations=num_iterations, eval_steps=eval_steps))
     batches.close()
     numbers = dict(depth=config.n_layer, model_dim=config.n_embd, heads=config.n_head, kv_heads=config.n_kv_head,
                    sequence_length=T, vocab_size=config.vocab_size, total_batch_size=total_batch_size,
                    num_iterations=num_iterations, training_tokens=tokens, tokens_per_parameter=tokens / num_params,
-                   total_training_flops=run.flops_per_token * tokens, fp8="on" if args.fp8 else "off", source=source)
+                   total_training_flops=run.flops_per_token * tokens, fp8="on" if args.fp8 else "off", source=source,
+                   **data_report(batches, stages, origin, device))
     if device.type == "cuda":
         numbers["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return run.report("base-train", "Base model training", numbers)

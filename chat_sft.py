@@ -9,7 +9,7 @@ conversations chosen by --preset:
            identity, and a few hundred SimpleSpelling / SpellingBee; local copies via
            --arc-path, --gsm8k-path, --smoltalk-path
   offline  generated tasks only: identity, spelling, arithmetic with the calculator tool
-(default: full on CUDA, offline otherwise).
+(default: full on CUDA, offline otherwise). --chat-data PATH[:WEIGHT] adds your own conversations.
 
 Unlike mid-training, each row holds ONE conversation (--packing pad, the default): rows are
 padded to the longest in the micro-batch, padding and every non-assistant token get target -1,
@@ -31,7 +31,7 @@ import torch
 import training
 from common import POSITIVE, UserError, parse_args, print0, run_main
 from dataloader import ConversationLoader
-from tasks.mixtures import add_data_flags, arc_path, offline_val_tasks
+from tasks.mixtures import add_chat_data_flag, add_data_flags, arc_path, chat_data_tasks, offline_val_tasks
 
 
 def sft_tasks(preset, split, paths):
@@ -50,7 +50,7 @@ def sft_tasks(preset, split, paths):
     spelling = [SimpleSpelling(size=300, split="train", words_path=words),
                 SpellingBee(size=300, split="train", words_path=words)]
     if preset == "offline":
-        return [identity, identity, *spelling, Arithmetic(size=300, split="train")]
+        return [identity, identity, *spelling, Arithmetic(size=300, split="train"), *chat_data_tasks(paths)]
     from tasks.arc import ARC
     from tasks.gsm8k import GSM8K
     from tasks.smoltalk import SmolTalk
@@ -58,7 +58,7 @@ def sft_tasks(preset, split, paths):
     return [ARC("ARC-Easy", "train", path=arc_path(paths["arc_path"], "ARC-Easy", "train")),
             ARC("ARC-Challenge", "train", path=arc_path(paths["arc_path"], "ARC-Challenge", "train")),
             GSM8K("main", "train", path=paths["gsm8k_path"]),
-            SmolTalk("train", path=paths["smoltalk_path"], stop=10_000), identity, *spelling]
+            SmolTalk("train", path=paths["smoltalk_path"], stop=10_000), identity, *spelling, *chat_data_tasks(paths)]
 
 
 class PaddedBatches:
@@ -99,6 +99,7 @@ def get_args(argv=None):
     training.add_flags(p, device_batch_size=4, eval_every=100, save_every=-1, warmdown_ratio=1.0)
     training.add_chat_flags(p, source="mid", init_lr_frac=0.02)
     add_data_flags(p)
+    add_chat_data_flag(p)
     g = p.add_argument_group("fine-tuning batch and evaluation")
     g.add_argument("--examples-per-step", type=POSITIVE, default=32,
                    help="rows per optimizer step (a multiple of device batch x processes)")

@@ -1,13 +1,21 @@
-"""Training batches: documents are tokenized on the fly in a background thread and packed
-into rows that each start with <|bos|>, so the GPU never waits for data. DataLoader packs the
-documents of a pretraining source; ConversationLoader packs rendered conversations the same way
-(mid-training), with target -1 wherever the conversation's loss mask is 0.
+"""Training batches: documents are tokenized on the fly in background threads and packed into
+rows that each start with <|bos|>, so the GPU never waits for data. DataLoader packs the
+documents of a pretraining source, a weighted mixture of sources, or a schedule of mixtures;
+ConversationLoader packs rendered conversations the same way (mid-training), with target -1
+wherever the conversation's loss mask is 0.
 
-    loader = DataLoader(tokenizer, B=32, T=2048, split="train", source="fineweb-edu", device="cuda",
-                        rank=rank, world_size=world_size)
+    loader = DataLoader(tokenizer, B=32, T=2048, split="train", source="climbmix:0.9,dir:/data/math:0.1",
+                        device="cuda", rank=rank, world_size=world_size)
     inputs, targets = next(loader)           # LongTensor (B, T) each, on the device
     sd = loader.state_dict()                 # save with the checkpoint ...
     loader.load_state_dict(sd)               # ... and the resumed run gets exactly the same batches
+
+Mixtures: weights are shares of the tokens. The next document of a mixture comes from the source
+furthest behind its share, the one with the largest weight * (n + 1) - its tokens drawn so far, n
+the tokens drawn from all (ties: the first named). So every prefix of the stream holds each
+source's share to within a document, and the order depends only on the data and the weights. A
+schedule [(0, "fineweb-edu"), (800, "fineweb-edu:0.7,dir:/data/math:0.3")] switches the mixture
+when the packer starts batch 800 (shares count from the switch on).
 
 Packing (BOS-aligned best fit): each document is [BOS] + its tokens. A row of T+1 tokens is
 filled by repeatedly taking, from a buffer of pending documents, the largest one that fits in
@@ -20,14 +28,16 @@ Inputs are row[:-1], targets row[1:]. A token that must not be a target (outside
 conversation's loss mask) travels through the packer as ~id, a negative number, so one int array
 per document carries both the ids and the mask; a batch turns it back into id and target -1.
 
-Distributed: rank r reads the row groups i with i % world_size == r (dataset.split_row_groups),
-so ranks see disjoint documents; each rank loops over its share epoch after epoch on its own.
+Distributed: rank r reads the row groups i with i % world_size == r of every source
+(dataset.split_row_groups), so ranks see disjoint documents; each rank loops over its share of
+each source epoch after epoch on its own.
 
-Determinism and resume: the reader thread produces row groups in a fixed order and the packer
-consumes them in that order, so the batches depend only on the data and the starting state,
-never on thread timing. The state after each batch is small: the position of the next row group
-to read, and the pending documents as (row group, document) references. Loading it re-reads
-and re-tokenizes those documents and continues exactly where the saved run was.
+Determinism and resume: one reader thread per source reads and tokenizes its row groups in a fixed
+order; the packer draws from them in the order above, so the batches depend only on the data and
+the starting state, never on thread timing. The state after each batch is small: per source the
+position of the next document (epoch, row group, document) and the counts drawn, and the pending
+documents as (source, row group, document) references. Loading it re-reads and re-tokenizes those
+documents and continues exactly where the saved run was, across a schedule switch too.
 """
 
 import bisect
@@ -38,9 +48,9 @@ import numpy as np
 import torch
 
 import dataset
-from common import UserError
+from common import UserError, print0, sum_over_ranks
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 SEQ_BITS = 40  # buffer keys are (length << SEQ_BITS) | (SEQ_MASK - seq): sorted by length, then age
 SEQ_MASK = (1 << SEQ_BITS) - 1
 
@@ -48,34 +58,46 @@ SEQ_MASK = (1 << SEQ_BITS) - 1
 class DataLoader:
     def __init__(self, tokenizer, B, T, split="train", source="stdlib-docs", device="cpu", rank=0, world_size=1,
                  buffer_size=1000, num_threads=4, prefetch=4):
-        """B rows of T tokens per batch. buffer_size: pending documents to choose from when packing
-        (more: fewer crops, more memory). num_threads: tokenizer threads. prefetch: batches made ahead."""
+        """B rows of T tokens per batch. source: a source or mixture (dataset.parse_mixture), or a
+        schedule [(first batch, mixture), ...] starting at batch 0. buffer_size: pending documents to
+        choose from when packing (more: fewer crops, more memory). num_threads: tokenizer threads per
+        source. prefetch: batches made ahead."""
         assert B > 0 and T > 0, (B, T)
         self.tokenizer, self.B, self.T = tokenizer, B, T
-        self.split, self.source, self.rank, self.world_size = split, source, rank, world_size
+        self.split, self.rank, self.world_size = split, rank, world_size
         self.device = torch.device(device)
         self.num_threads, self.prefetch = num_threads, prefetch
         self.bos = tokenizer.get_bos_token_id()
-        self.units = self.list_units()
-        docs_per_epoch = sum(map(self.unit_size, self.units))
-        self.buffer_size = max(1, min(buffer_size, docs_per_epoch))  # never hold 2 copies of a tiny corpus
-        self.max_wait = max(2 * self.buffer_size, docs_per_epoch)  # no document waits longer than an epoch
-        self._state = dict(version=STATE_VERSION, source=source, split=split, rank=rank, world_size=world_size,
-                           epoch=0, unit=0, seq=0, pending=[], batches=0, docs=0, tokens=0, cropped=0)
+        self.schedule = [(0, source)] if isinstance(source, str) else [(int(b), m) for b, m in source]
+        assert self.schedule[0][0] == 0, self.schedule
+        mixtures = [dict(self.parse(mixture)) for _, mixture in self.schedule]
+        self.sources = list(dict.fromkeys(name for mixture in mixtures for name in mixture))
+        self.weights = [[mixture.get(name, 0.0) for name in self.sources] for mixture in mixtures]
+        self.units = [self.list_units(name) for name in self.sources]
+        self.docs_per_epoch = [sum(map(self.unit_size, units)) for units in self.units]
+        self.buffer_size = max(1, min(buffer_size, sum(self.docs_per_epoch)))  # never 2 copies of a tiny corpus
+        self.max_wait = max(2 * self.buffer_size, sum(self.docs_per_epoch))  # no document waits longer than an epoch
+        self._state = dict(version=STATE_VERSION, schedule=[list(s) for s in self.schedule], split=split, rank=rank,
+                           world_size=world_size, batches=0, seq=0, stage=0, pending=[],
+                           sources=[dict(name=name, epoch=0, unit=0, doc=0, drawn=0, stage_tokens=0, docs=0, tokens=0,
+                                         cropped=0) for name in self.sources])
         self._workers = None
 
-    # ---- what is packed: row groups of a pretraining source (ConversationLoader: conversations)
+    # ---- what is packed: row groups of pretraining sources (ConversationLoader: conversations)
 
-    def list_units(self):
-        return dataset.split_row_groups(self.source, self.split, self.rank, self.world_size)
+    def parse(self, mixture):
+        return dataset.parse_mixture(mixture)
+
+    def list_units(self, source):
+        return dataset.split_row_groups(source, self.split, self.rank, self.world_size)
 
     def unit_size(self, unit) -> int:
         return dataset.unit_size(unit)
 
-    def read(self, unit, which=None):
-        """The documents of unit number `unit` (only those at the indices `which`, when given), as
-        token arrays: [BOS] + the document."""
-        texts = dataset.read_unit(self.units[unit])
+    def read(self, source, unit, which=None):
+        """The documents of unit number `unit` of source number `source` (only those at the indices
+        `which`, when given), as token arrays: [BOS] + the document."""
+        texts = dataset.read_unit(self.units[source][unit])
         if which is not None:
             texts = [texts[d] for d in which]
         ids = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.num_threads)
@@ -98,34 +120,40 @@ class DataLoader:
     @property
     def crop_fraction(self) -> float:
         """Fraction of the document tokens taken so far that were cropped away."""
-        taken = self._state["tokens"] + self._state["cropped"]
-        return self._state["cropped"] / taken if taken else 0.0
-
-    @property
-    def epoch(self) -> int:
-        return self._state["epoch"]
+        cropped = sum(src["cropped"] for src in self._state["sources"])
+        taken = cropped + sum(src["tokens"] for src in self._state["sources"])
+        return cropped / taken if taken else 0.0
 
     @property
     def taken(self) -> int:
         """Documents placed into rows so far (whole or cropped)."""
-        return self._state["docs"]
+        return sum(src["docs"] for src in self._state["sources"])
+
+    def source_report(self, device) -> dict:
+        """Per source, summed over ranks (every rank must call it): the tokens placed into rows and
+        the epochs of its split drawn so far."""
+        rows = [(src["tokens"], src["drawn"], n) for src, n in zip(self._state["sources"], self.docs_per_epoch)]
+        totals = sum_over_ranks([x for row in rows for x in row], device)
+        return {name: {"tokens": totals[3 * i], "epochs": totals[3 * i + 1] / totals[3 * i + 2]}
+                for i, name in enumerate(self.sources)}
 
     # ---- resume
 
     def state_dict(self) -> dict:
         """The state after the last batch returned (plain Python: save it with torch.save or json)."""
-        state = dict(self._state)
+        state = dict(self._state, sources=[dict(src) for src in self._state["sources"]])
         state["pending"] = [list(ref) for ref in state["pending"]]
         return state
 
     def load_state_dict(self, state: dict):
         """Continue from a state_dict(): the next batches are those the saved run would have made."""
         assert state["version"] == STATE_VERSION and state["world_size"] == self.world_size, state
-        if (state["source"], state["split"]) != (self.source, self.split):
-            raise UserError(f"the saved data position is in {state['source']}/{state['split']}, this run reads "
-                            f"{self.source}/{self.split}: resume with the run's original --source")
+        if ([list(s) for s in state["schedule"]], state["split"]) != (self._state["schedule"], self.split):
+            raise UserError(f"the saved data position is in {state['schedule']} ({state['split']}), this run reads "
+                            f"{self._state['schedule']} ({self.split}): resume with the run's original --source")
         self.close()
-        self._state = dict(state, pending=[tuple(ref) for ref in state["pending"]])
+        self._state = dict(state, sources=[dict(src) for src in state["sources"]],
+                           pending=[tuple(ref) for ref in state["pending"]])
 
     def close(self):
         """Stop the background threads (they are daemons: exiting without close() is fine too)."""
@@ -152,15 +180,18 @@ class ConversationLoader(DataLoader):
         super().__init__(tokenizer, B, T, split="train", source="conversations", device=device, rank=rank,
                          world_size=world_size, buffer_size=buffer_size, prefetch=prefetch)
 
-    def list_units(self):
+    def parse(self, mixture):
+        return [(mixture, 1.0)]
+
+    def list_units(self, source):
         mine = range(self.rank, len(self.task), self.world_size)
         return [mine[i:i + self.chunk] for i in range(0, len(mine), self.chunk)]
 
     def unit_size(self, unit) -> int:
         return len(unit)
 
-    def read(self, unit, which=None):
-        indices = self.units[unit] if which is None else [self.units[unit][d] for d in which]
+    def read(self, source, unit, which=None):
+        indices = self.units[0][unit] if which is None else [self.units[0][unit][d] for d in which]
         docs = []
         for i in indices:
             ids, mask = self.tokenizer.render_conversation(self.task[i], max_tokens=self.T + 1)
@@ -170,27 +201,28 @@ class ConversationLoader(DataLoader):
 
 
 class _Workers:
-    """Two daemon threads: the reader reads and tokenizes row groups in order; the packer packs
-    them into batches, each sent with the loader state that follows it."""
+    """Daemon threads: one reader per source reads and tokenizes its row groups in order; the
+    packer packs them into batches, each sent with the loader state that follows it."""
 
     def __init__(self, loader: DataLoader, state: dict):
         self.loader = loader
         self.stopped = threading.Event()
-        self.docs = queue.Queue(maxsize=2)  # tokenized row groups
+        self.docs = [queue.Queue(maxsize=2) for _ in loader.sources]  # tokenized row groups, per source
         self.batches = queue.Queue(maxsize=max(1, loader.prefetch))
-        self.reader = threading.Thread(target=self._run, args=(self._read, state["epoch"], state["unit"]),
-                                       daemon=True, name="dataloader-reader")
-        self.packer = threading.Thread(target=self._run, args=(self._pack, state), daemon=True,
-                                       name="dataloader-packer")
-        self.reader.start()
-        self.packer.start()
+        self.threads = [threading.Thread(target=self._run, args=(self._read, s, src["epoch"], src["unit"]),
+                                         daemon=True, name=f"dataloader-reader-{s}")
+                        for s, src in enumerate(state["sources"])]
+        self.threads.append(threading.Thread(target=self._run, args=(self._pack, state), daemon=True,
+                                             name="dataloader-packer"))
+        for thread in self.threads:
+            thread.start()
 
     def get(self):
         while True:
             try:
                 item = self.batches.get(timeout=1.0)
             except queue.Empty:
-                if not self.packer.is_alive():
+                if not self.threads[-1].is_alive():
                     raise RuntimeError("the data loader's packing thread died")
                 continue
             if isinstance(item, BaseException):
@@ -200,10 +232,10 @@ class _Workers:
 
     def stop(self):
         self.stopped.set()
-        for q in (self.docs, self.batches):  # unblock threads waiting to put
+        for q in (*self.docs, self.batches):  # unblock threads waiting to put
             while not q.empty():
                 q.get_nowait()
-        for thread in (self.reader, self.packer):
+        for thread in self.threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=5.0)
 
@@ -222,10 +254,10 @@ class _Workers:
         except BaseException as e:  # hand any error to the consumer, which raises it
             self._put(self.batches, e)
 
-    def _read(self, epoch, unit):
-        num_units = len(self.loader.units)
+    def _read(self, source, epoch, unit):
+        num_units = len(self.loader.units[source])
         while not self.stopped.is_set():
-            if not self._put(self.docs, (epoch, unit, self.loader.read(unit))):
+            if not self._put(self.docs[source], (epoch, unit, self.loader.read(source, unit))):
                 return
             epoch, unit = (epoch + 1, 0) if unit + 1 == num_units else (epoch, unit + 1)
 
@@ -238,78 +270,103 @@ class _Workers:
 
 
 class _Packer:
-    """Best-fit packing of BOS-prefixed documents into rows (runs in the packer thread)."""
+    """Draws documents from the sources and packs them into rows by best fit (in the packer thread)."""
 
-    def __init__(self, loader: DataLoader, state: dict, docs: queue.Queue, stopped: threading.Event):
+    def __init__(self, loader: DataLoader, state: dict, docs: list, stopped: threading.Event):
         self.B, self.T, self.buffer_size, self.max_wait = loader.B, loader.T, loader.buffer_size, loader.max_wait
         self.pin = loader.device.type == "cuda"
         self.docs, self.stopped = docs, stopped
-        self.epoch, self.unit = state["epoch"], state["unit"]
-        self.counts = {k: state[k] for k in ("batches", "docs", "tokens", "cropped")}
-        self.fixed = {k: state[k] for k in ("version", "source", "split", "rank", "world_size")}
-        self.pending = {}  # seq -> (unit, doc, tokens), in the order the documents arrived
+        self.schedule, self.weights = loader.schedule, loader.weights
+        self.num_units = [len(units) for units in loader.units]
+        self.fixed = {k: state[k] for k in ("version", "schedule", "split", "rank", "world_size")}
+        self.batches, self.stage = state["batches"], state["stage"]
+        self.sources = [dict(src) for src in state["sources"]]  # each one's position and counts
+        self.current = [None] * len(self.sources)  # each one's row group being drawn from (token arrays)
+        self.pending = {}  # seq -> (source, unit, doc, tokens), in the order the documents arrived
         self.keys = []  # sorted buffer keys, see SEQ_BITS
         self.seq = 0  # arrival number of the next document
-        self._num_units = len(loader.units)
         self._restore(loader, state["pending"], state["seq"])
 
     def _restore(self, loader, refs, next_seq):
         """Re-read the pending documents of a saved state and add them in their saved order."""
         wanted = {}
-        for u, d, _ in refs:
-            wanted.setdefault(u, []).append(d)
-        tokens = {(u, d): toks for u, ds in wanted.items() for d, toks in zip(ds, loader.read(u, ds))}
-        for u, d, seq in refs:  # same arrival numbers: the same ages, so the same choices
+        for s, u, d, _ in refs:
+            wanted.setdefault((s, u), []).append(d)
+        tokens = {(s, u, d): toks for (s, u), ds in wanted.items() for d, toks in zip(ds, loader.read(s, u, ds))}
+        for s, u, d, seq in refs:  # same arrival numbers: the same ages, so the same choices
             self.seq = seq
-            self._add(u, d, tokens[u, d])
+            self._add(s, u, d, tokens[s, u, d])
         self.seq = next_seq
 
     @staticmethod
     def _key(seq, length):
         return (length << SEQ_BITS) | (SEQ_MASK - seq)
 
-    def _add(self, unit, doc, tokens):
-        self.pending[self.seq] = (unit, doc, tokens)
+    def _add(self, source, unit, doc, tokens):
+        self.pending[self.seq] = (source, unit, doc, tokens)
         bisect.insort(self.keys, self._key(self.seq, len(tokens)))
         self.seq += 1
 
-    def _refill(self) -> bool:
-        while len(self.keys) < self.buffer_size:
-            while True:
-                try:
-                    epoch, unit, docs = self.docs.get(timeout=0.1)
-                    break
-                except queue.Empty:
-                    if self.stopped.is_set():
-                        return False
-            assert (epoch, unit) == (self.epoch, self.unit), "row groups arrived out of order"
-            for d, tokens in enumerate(docs):
-                self._add(unit, d, tokens)
-            self.epoch, self.unit = (epoch + 1, 0) if unit + 1 == self._num_units else (epoch, unit + 1)
+    def _pick(self) -> int:
+        """The source of the next document: the one furthest behind its share of this stage."""
+        stage = bisect.bisect_right([first for first, _ in self.schedule], self.batches) - 1
+        if stage != self.stage:  # shares count from the switch on
+            self.stage = stage
+            for src in self.sources:
+                src["stage_tokens"] = 0
+            print0(f"data: from batch {self.batches} on, the mixture is {self.schedule[stage][1]}")
+        weights = self.weights[stage]
+        if len(weights) == 1:
+            return 0
+        n = 1 + sum(src["stage_tokens"] for src in self.sources)  # + 1: a source of weight 0 is never behind
+        return max(range(len(weights)), key=lambda s: weights[s] * n - self.sources[s]["stage_tokens"])
+
+    def _draw(self) -> bool:
+        """Move the next document of the mixture into the buffer; with one source, the rest of its
+        row group (the buffer then holds buffer_size to buffer_size + row group - 1 documents).
+        False: stopped while waiting."""
+        s = self._pick()
+        src = self.sources[s]
+        while self.current[s] is None:
+            try:
+                epoch, unit, self.current[s] = self.docs[s].get(timeout=0.1)
+                assert (epoch, unit) == (src["epoch"], src["unit"]), "row groups arrived out of order"
+            except queue.Empty:
+                if self.stopped.is_set():
+                    return False
+        end = len(self.current[s]) if len(self.weights[self.stage]) == 1 else src["doc"] + 1
+        for doc in range(src["doc"], end):
+            self._add(s, src["unit"], doc, self.current[s][doc])
+            src["stage_tokens"] += len(self.current[s][doc])
+        src["doc"], src["drawn"] = end, src["drawn"] + end - src["doc"]
+        if src["doc"] == len(self.current[s]):  # the row group is used up: the next one
+            last = src["unit"] + 1 == self.num_units[s]
+            src["epoch"], src["unit"], src["doc"] = src["epoch"] + last, 0 if last else src["unit"] + 1, 0
+            self.current[s] = None
         return True
 
     def _fill_row(self, row) -> bool:
         pos, size = 0, len(row)
         while pos < size:
-            if not self._refill():
-                return False
+            while len(self.keys) < self.buffer_size:
+                if not self._draw():
+                    return False
             space = size - pos
             i = bisect.bisect_right(self.keys, (space << SEQ_BITS) | SEQ_MASK)  # first that does not fit
             oldest = next(iter(self.pending))
             if pos == 0 and oldest < self.seq - self.max_wait:
                 # waited an epoch (never the best fit): it starts this row, where it fits or must be cropped anyway
-                key = self.keys.pop(bisect.bisect_left(self.keys, self._key(oldest, len(self.pending[oldest][2]))))
+                key = self.keys.pop(bisect.bisect_left(self.keys, self._key(oldest, len(self.pending[oldest][3]))))
             elif pos == 0 and i < len(self.keys):
                 key = self.keys.pop(i)  # longer than a row: it can never fit, so it fills a row alone
             else:
                 key = self.keys.pop(i - 1 if i > 0 else 0)  # the largest that fits, else the shortest (cropped)
-            _, _, tokens = self.pending.pop(SEQ_MASK - (key & SEQ_MASK))
+            s, _, _, tokens = self.pending.pop(SEQ_MASK - (key & SEQ_MASK))
             n = min(len(tokens), space)
             row[pos:pos + n] = tokens[:n]
             pos += n
-            self.counts["docs"] += 1
-            self.counts["tokens"] += n
-            self.counts["cropped"] += len(tokens) - n
+            src = self.sources[s]
+            src["docs"], src["tokens"], src["cropped"] = src["docs"] + 1, src["tokens"] + n, src["cropped"] + len(tokens) - n
         return True
 
     def next_batch(self):
@@ -317,11 +374,12 @@ class _Packer:
         for row in rows:
             if not self._fill_row(row):
                 return None
-        self.counts["batches"] += 1
+        self.batches += 1
         inputs = torch.empty((self.B, self.T), dtype=torch.long, pin_memory=self.pin)
         targets = torch.empty((self.B, self.T), dtype=torch.long, pin_memory=self.pin)
         inputs.numpy()[:] = np.where(rows[:, :-1] < 0, ~rows[:, :-1], rows[:, :-1])
         targets.numpy()[:] = np.maximum(rows[:, 1:], -1)  # a masked token (~id < 0) is target -1
-        state = dict(self.fixed, **self.counts, epoch=self.epoch, unit=self.unit, seq=self.seq,
-                     pending=[(u, d, seq) for seq, (u, d, _) in self.pending.items()])
+        state = dict(self.fixed, batches=self.batches, stage=self.stage, seq=self.seq,
+                     sources=[dict(src) for src in self.sources],
+                     pending=[(s, u, d, seq) for seq, (s, u, d, _) in self.pending.items()])
         return inputs, targets, state

@@ -10,7 +10,7 @@ config, and trains on a mixture of conversations chosen by --preset:
            from local copies given with --smoltalk-path, --mmlu-path, --gsm8k-path
   offline  only generated tasks: identity, spelling (bundled word list or --words-path) and
            arithmetic with the calculator tool; needs no network
-(default: full on CUDA, offline otherwise).
+(default: full on CUDA, offline otherwise). --chat-data PATH[:WEIGHT] adds your own conversations.
 
 Rendered conversations are packed into full rows of --max-seq-len + 1 tokens by the pretraining
 packer (dataloader.ConversationLoader: each starts with <|bos|>, best fit from a buffer, the last
@@ -30,7 +30,7 @@ import argparse
 import training
 from common import POSITIVE, POSITIVE_OR_ALL, parse_args, print0, run_main
 from dataloader import ConversationLoader
-from tasks.mixtures import add_data_flags, offline_val_tasks
+from tasks.mixtures import add_chat_data_flag, add_data_flags, chat_data_tasks, offline_val_tasks
 
 
 def mid_tasks(preset, split, paths):
@@ -45,7 +45,8 @@ def mid_tasks(preset, split, paths):
         if split == "train":
             return [Identity(path=paths["identity_path"])] * 4 + [
                 SimpleSpelling(size=3000, split="train", words_path=words),
-                SpellingBee(size=3000, split="train", words_path=words), Arithmetic(size=3000, split="train")]
+                SpellingBee(size=3000, split="train", words_path=words), Arithmetic(size=3000, split="train"),
+                *chat_data_tasks(paths)]
         return offline_val_tasks(words)
     from tasks.gsm8k import GSM8K
     from tasks.mmlu import MMLU
@@ -58,7 +59,7 @@ def mid_tasks(preset, split, paths):
                 GSM8K("main", "train", path=paths["gsm8k_path"]),
                 identity, identity,
                 SimpleSpelling(size=200_000, split="train", words_path=words),
-                SpellingBee(size=80_000, split="train", words_path=words)]
+                SpellingBee(size=80_000, split="train", words_path=words), *chat_data_tasks(paths)]
     val = [] if paths["smoltalk_path"] else [SmolTalk("test")]
     val += [] if paths["mmlu_path"] else [MMLU("all", "test", stop=5200)]
     val += [] if paths["gsm8k_path"] else [GSM8K("main", "test", stop=420)]
@@ -71,6 +72,7 @@ def get_args(argv=None):
     training.add_flags(p, device_batch_size=32, eval_every=150, save_every=500, warmdown_ratio=0.2)
     training.add_chat_flags(p, source="base", init_lr_frac=1.0)
     add_data_flags(p)
+    add_chat_data_flag(p)
     g = p.add_argument_group("mid-training batch and evaluation")
     g.add_argument("--total-batch-size", type=POSITIVE_OR_ALL, default=None,
                    help=f"tokens per optimizer step (-1 = device batch x seq len x processes, no accumulation; "

@@ -4,7 +4,8 @@ Each stage writes its own markdown section (and a JSON of its numbers) into
 $SPEEDCHAT_BASE_DIR/report/. `python -m report reset` starts a new report with a header
 describing the machine and the code; `python -m report generate` joins the sections into
 report.md (in the base dir, copied to the current directory), with a summary table of the
-headline metrics per stage and PNG plots of the training curves beside it.
+headline metrics per stage and PNG plots of the training curves beside it. `python -m report
+compare A B` sets two runs (report folders, or model tags) side by side, metric by metric.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import atomic_path, atomic_write, checked, format_seconds, get_base_dir, print0, run_main
+from common import UserError, atomic_path, atomic_write, checked, format_seconds, get_base_dir, print0, run_main
 
 # Sections in the order they appear in report.md.
 SECTION_ORDER = [
@@ -55,7 +56,10 @@ def write_section(name: str, title: str, data: dict, text: str = ""):
     if text:
         lines += ["", text.rstrip()]
     atomic_write(report_dir() / f"{name}.md", "\n".join(lines) + "\n")
-    atomic_write(report_dir() / f"{name}.json", json.dumps(data, indent=2, sort_keys=True))
+    numbers = json.dumps(data, indent=2, sort_keys=True)
+    atomic_write(report_dir() / f"{name}.json", numbers)
+    if data.get("tag"):  # kept per model tag too, for `compare` after a run of another tag replaced the section
+        atomic_write(report_dir() / "tags" / str(data["tag"]) / f"{name}.json", numbers)
 
 
 def shown(key: str, value) -> str:
@@ -325,11 +329,65 @@ def generate(copy_to: Path | None, gpu_hour_usd: float | None = None):
     return out
 
 
+# ---------------------------------------------------------------------------
+# Compare: two runs side by side
+
+
+def run_sections(run: str) -> dict:
+    """{section: data} of a run: a folder (a base dir holding report/, or a report folder), or a
+    model tag of this base dir (the sections kept for it)."""
+    folder = Path(run).expanduser()
+    folder = folder / "report" if (folder / "report").is_dir() else folder
+    folder = folder if folder.is_dir() else report_dir() / "tags" / run
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.stem != "header"}
+
+
+def metrics(sections: dict) -> dict:
+    """Every measured number of the sections as {name: (value, standard error or None)}: the floats
+    ("base-eval bpb val", "base-eval results ARC-Easy accuracy"), with the `<key>_se` beside them
+    (chat tasks: `se` beside `acc`); not durations or times."""
+    out = {}
+
+    def walk(prefix, data):
+        for key, value in data.items():
+            if isinstance(value, dict):
+                walk(f"{prefix} {key}", value)
+            elif isinstance(value, float) and not (key == "se" or key.endswith(("_se", "seconds", "_time"))):
+                out[f"{prefix} {key}"] = (value, data.get(f"{key}_se", data.get("se") if key == "acc" else None))
+
+    for name, data in sections.items():
+        walk(name, data)
+    return out
+
+
+def compare(a: str, b: str) -> list[str]:
+    """The metrics runs `a` and `b` share: both values, B - A, and whether that is within two
+    standard errors of the difference (sqrt(se_a^2 + se_b^2); '-' where a value has none)."""
+    ma, mb = metrics(run_sections(a)), metrics(run_sections(b))
+    shared = [name for name in ma if name in mb]
+    if not shared:
+        raise UserError(f"{a} and {b} share no metric: name two report folders (a base dir or its report/) or "
+                        f"two model tags of this base dir's report ({report_dir()})")
+    cell = lambda v, se: f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")  # noqa: E731
+    lines = [f"A = {a}, B = {b}: {len(shared)} shared metrics ({len(ma) - len(shared)} only in A, "
+             f"{len(mb) - len(shared)} only in B)", "",
+             "| metric | A | B | B - A | within 2 SE |", "|---|---|---|---|---|"]
+    for name in shared:
+        (va, sa), (vb, sb) = ma[name], mb[name]
+        within = "-" if sa is None or sb is None else "yes" if abs(vb - va) <= 2 * math.hypot(sa, sb) else "NO"
+        lines.append(f"| {name} | {cell(va, sa)} | {cell(vb, sb)} | {vb - va:+.4f} | {within} |")
+    return lines
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Start (reset) or assemble (generate) the run report.")
-    parser.add_argument("command", choices=["reset", "generate"],
+    parser = argparse.ArgumentParser(description="Start (reset) or assemble (generate) the run report, or compare "
+                                                 "two runs.")
+    parser.add_argument("command", choices=["reset", "generate", "compare"],
                         help="reset: start a new report (removes every section) with the header; "
-                             "generate: write report.md from the sections written so far")
+                             "generate: write report.md from the sections written so far; "
+                             "compare A B: the metrics two runs share, with both values, the difference and whether "
+                             "it is within two standard errors (A, B: a base dir or report folder, or a model tag)")
+    parser.add_argument("runs", nargs="*", help="compare: the two runs")
     parser.add_argument("--gpu-hour-usd", type=PRICE, default=os.environ.get("SPEEDCHAT_GPU_HOUR_USD") or None,
                         help="price of one GPU-hour for the cost estimate (default: $SPEEDCHAT_GPU_HOUR_USD; "
                              f"when that is unset, reset uses {DEFAULT_GPU_HOUR_USD:.2f} and generate the rate "
@@ -337,7 +395,11 @@ def main(argv=None):
     parser.add_argument("--out-dir", type=FOLDER, default=".",
                         help="where generate also copies report.md and the plots ('' for the base dir only)")
     args = parser.parse_args(argv)
-    if args.command == "reset":
+    if (args.command == "compare") != (len(args.runs) == 2):
+        parser.error("compare takes two runs (A B); reset and generate take none")
+    if args.command == "compare":
+        print("\n".join(compare(*args.runs)))
+    elif args.command == "reset":
         reset(DEFAULT_GPU_HOUR_USD if args.gpu_hour_usd is None else args.gpu_hour_usd)
     else:
         generate(Path(args.out_dir) if args.out_dir else None, args.gpu_hour_usd)

@@ -170,46 +170,6 @@ def last_number(text: str):
 
 
 # ---------------------------------------------------------------------------
-# Conversation checks (CustomJSON, identity, chat data)
-
-PART_TYPES = ("text", "python", "python_output")
-
-
-def check_conversation(messages, require_assistant_last=True) -> str | None:
-    """Why `messages` is not a usable conversation, or None when it is."""
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list"
-    start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return f"message {i} must be an object with 'role' and 'content'"
-        role, content = m["role"], m["content"]
-        if i < start:
-            if not isinstance(content, str):
-                return "the system message content must be a string"
-            continue
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if role != expected:
-            return (f"message {i} has role {role!r} but {expected!r} was expected "
-                    "(optional system first, then user and assistant alternating)")
-        if isinstance(content, str):
-            if not content.strip():
-                return f"message {i} ({role}) is empty"
-            continue
-        if role != "assistant" or not isinstance(content, list) or not content:
-            return f"message {i}: content must be a string (or, for the assistant, a list of parts)"
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") in PART_TYPES and isinstance(part.get("text"), str)):
-                return (f"message {i}: each part must be {{\"type\": one of {', '.join(PART_TYPES)}, "
-                        f"\"text\": string}}, got {json.dumps(part)[:80]}")
-    if len(messages) == start:
-        return "a system message must be followed by a user message"
-    if require_assistant_last and messages[-1]["role"] != "assistant":
-        return "the last message must be from the assistant"
-    return None
-
-
-# ---------------------------------------------------------------------------
 # Local files in the sources' own formats
 
 def read_jsonl(path):

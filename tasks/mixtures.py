@@ -1,5 +1,6 @@
 """What the chat stages (mid_train, chat_sft, chat_eval) share about their data: the presets,
-the flags that point at local copies of the task datasets, and the generated validation tasks.
+the flags that point at local copies of the task datasets, your own chat data (--chat-data,
+mid_train and chat_sft), and the generated validation tasks.
 
     full     real datasets (SmolTalk, MMLU, GSM8K, ARC, HumanEval): downloaded once from the
              Hugging Face Hub, or read from the local copies given with the --*-path flags
@@ -7,6 +8,8 @@ the flags that point at local copies of the task datasets, and the generated val
 (default: full on CUDA, offline otherwise).
 """
 
+import argparse
+import math
 import os
 from pathlib import Path
 
@@ -37,12 +40,38 @@ def add_data_flags(p):
         g.add_argument("--" + name.replace("_", "-"), default=os.environ.get(env) or None, help=f"{text} [env {env}]")
 
 
+def chat_data_arg(text):
+    """PATH[:WEIGHT] -> (path, weight): an argparse type (a colon inside the path is no weight)."""
+    path, _, weight = text.rpartition(":")
+    try:
+        weight = float(weight)
+    except ValueError:
+        return text, 1.0
+    if not path or not 0 < weight < math.inf:
+        raise argparse.ArgumentTypeError(f"{text}: the weight after the last ':' must be a positive number")
+    return path, weight
+
+
+def add_chat_data_flag(p):
+    p.add_argument("--chat-data", type=chat_data_arg, action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="your own conversations, added to the training mixture (repeatable): JSONL of OpenAI "
+                        "{\"messages\": [...]} or ShareGPT {\"conversations\": [...]} lines; WEIGHT 2 takes each twice, "
+                        "0.5 every other one (default 1); bad lines are reported and skipped")
+
+
+def chat_data_tasks(paths) -> list:
+    """The --chat-data files as tasks, each with its weight."""
+    from tasks.customjson import CustomJSON
+
+    return [CustomJSON(path, weight=weight) for path, weight in paths["chat_data"]]
+
+
 def resolve_preset(preset, device_type):
     return preset or ("full" if device_type == "cuda" else "offline")
 
 
 def data_paths(args) -> dict:
-    return {name: getattr(args, name, None) for name in DATA_FLAGS}
+    return dict({name: getattr(args, name, None) for name in DATA_FLAGS}, chat_data=getattr(args, "chat_data", []))
 
 
 def arc_path(path, subset, split):

@@ -1,5 +1,5 @@
 """dataloader.py: BOS-aligned best-fit packing (of documents and of conversations with their loss
-masks), disjoint ranks, exact resume, epochs, devices."""
+masks), mixtures and schedules of sources, disjoint ranks, exact resume, epochs, devices."""
 
 import io
 import json
@@ -50,10 +50,10 @@ def base_dir(tmp_path, monkeypatch):
     return tmp_path / "base"
 
 
-def make_source(folder, n_train=400, n_val=40, group=25, seed=0, max_len=300):
-    """Shards in the layout (used in place): documents 'doc<i>|xxxx' of varied lengths."""
+def make_source(folder, n_train=400, n_val=40, group=25, seed=0, max_len=300, first=0):
+    """Shards in the layout (used in place): documents 'doc<i>|xxxx' (i from `first`) of varied lengths."""
     rng = random.Random(seed)
-    docs = [f"doc{i}|" + "x" * (int(rng.paretovariate(1.2) * 15) % max_len) for i in range(n_train + n_val)]
+    docs = [f"doc{first + i}|" + "x" * (int(rng.paretovariate(1.2) * 15) % max_len) for i in range(n_train + n_val)]
     folder.mkdir(parents=True, exist_ok=True)
     for k, (lo, hi) in enumerate([(0, n_train // 2), (n_train // 2, n_train), (n_train, n_train + n_val)]):
         table = pa.table({"text": pa.array(docs[lo:hi], type=pa.string())})
@@ -80,9 +80,13 @@ def rows_of(batches):
     return [torch.cat([x, y[:, -1:]], dim=1).tolist() for x, y in batches]
 
 
+def tag(seg):
+    return seg.split("|")[0]
+
+
 def test_packing_invariants_and_crop_accounting(tmp_path):
     source, docs = make_source(tmp_path / "src")
-    by_id = {d.split("|")[0]: d for d in docs}
+    by_id = {tag(d): d for d in docs}
     loader = DataLoader(ByteTokenizer(), B=4, T=64, source=source, buffer_size=50)
     batches = take(loader, 20)
     seen, cropped = [], 0
@@ -94,26 +98,24 @@ def test_packing_invariants_and_crop_accounting(tmp_path):
     for rows in rows_of(batches):
         for row in rows:
             assert row[0] == BOS
-            for seg in segments(row):
-                if not seg:  # a crop that kept only BOS
-                    continue
-                doc = by_id[seg.split("|")[0]]
+            for seg in filter(None, segments(row)):  # ('': a crop that kept only BOS)
+                doc = by_id[tag(seg)]
                 assert doc.startswith(seg)  # a whole document, or a crop of one
                 seen.append(doc)
                 cropped += ntok(doc) - ntok(seg)
     assert len(seen) == len(set(seen))  # nothing repeated within the epoch
     state = loader.state_dict()
-    assert state["tokens"] == 20 * 4 * 65
+    src = state["sources"][0]
+    assert src["tokens"] == 20 * 4 * 65 and src["epoch"] == 0
     # no token lost: what was read = what was placed + what was cropped + what is still pending
     units = dataset.split_row_groups(source, "train")
-    assert state["epoch"] == 0
-    texts = {(u, d): t for u in range(state["unit"]) for d, t in enumerate(dataset.read_unit(units[u]))}
-    pending = [texts[u, d] for u, d, _ in state["pending"]]
-    assert sum(map(ntok, texts.values())) == state["tokens"] + state["cropped"] + sum(map(ntok, pending))
-    assert {d.split("|")[0] for d in seen}.isdisjoint(d.split("|")[0] for d in pending)
-    assert set(seen) | set(pending) <= set(texts.values())
-    assert 0 < cropped <= state["cropped"]  # (a crop that kept only BOS names no document)
-    assert loader.crop_fraction == pytest.approx(state["cropped"] / (state["cropped"] + state["tokens"]))
+    texts = {(u, d): t for u in range(src["unit"] + 1) for d, t in enumerate(dataset.read_unit(units[u]))}
+    read = [t for (u, d), t in texts.items() if (u, d) < (src["unit"], src["doc"])]
+    pending = [texts[u, d] for _, u, d, _ in state["pending"]]
+    assert sum(map(ntok, read)) == src["tokens"] + src["cropped"] + sum(map(ntok, pending))
+    assert {tag(d) for d in seen}.isdisjoint(map(tag, pending)) and set(seen) | set(pending) <= set(read)
+    assert 0 < cropped <= src["cropped"]  # (a crop that kept only BOS names no document)
+    assert loader.crop_fraction == pytest.approx(src["cropped"] / (src["cropped"] + src["tokens"]))
     assert 0 < loader.crop_fraction < 1
     loader.close()
 
@@ -139,39 +141,72 @@ def test_crops_only_when_nothing_fits(tmp_path):
             if segs[-1] not in mixed:  # and only when even the shortest document did not fit
                 assert len(segs[-1]) < len(short_docs[0]) and "z" * 5 not in segs[-1]
     assert long_rows > 0
-    state = loader.state_dict()
-    assert state["cropped"] >= long_rows * (1 + 505 - 100)
+    assert loader.state_dict()["sources"][0]["cropped"] >= long_rows * (1 + 505 - 100)
     loader.close()
 
 
-def test_ranks_read_disjoint_documents(tmp_path):
+def ids_in(batches):
+    return [tag(seg) for rows in rows_of(batches) for row in rows for seg in segments(row) if seg]
+
+
+def test_mixture_shares_and_ranks_read_disjoint_documents(tmp_path):
+    a, docs_a = make_source(tmp_path / "a", n_train=2400, group=50)
+    b, docs_b = make_source(tmp_path / "b", n_train=2400, group=50, seed=1, first=10_000)
+    c, _ = make_source(tmp_path / "c", n_train=2400, group=50, seed=2, first=20_000)
+    mixture = f"{a}:0.5,{b}:0.3,{c}:0.2"
+    seen = []
+    for rank in range(2):
+        loader = DataLoader(ByteTokenizer(), B=8, T=256, source=mixture, rank=rank, world_size=2, buffer_size=40)
+        ids = ids_in(take(loader, 32))
+        sources = loader.state_dict()["sources"]
+        assert sum(src["drawn"] for src in sources) > 1000 and all(src["epoch"] == 0 for src in sources)
+        drawn = [src["stage_tokens"] for src in sources]
+        placed = [src["tokens"] + src["cropped"] for src in sources]
+        for share, n, m in zip((0.5, 0.3, 0.2), drawn, placed):
+            assert abs(n - share * sum(drawn)) <= 302  # drawn: exact to one document (at most 302 tokens)
+            assert abs(m / sum(placed) - share) < 0.02  # placed: all but the buffer's few
+        units = dataset.split_row_groups(a, "train", rank, 2)
+        assert {tag(d) for d in docs_a[:2400]} > set(i for i in ids if int(i[3:]) < 10_000) <= \
+            {tag(t) for u in units for t in dataset.read_unit(u)}
+        seen.append(set(ids))
+        loader.close()
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert {tag(d) for d in docs_b[:2400]} >= {i for i in seen[0] | seen[1] if 10_000 <= int(i[3:]) < 20_000}
+
+
+def test_single_source_ranks_cover_the_split_once(tmp_path):
     source, docs = make_source(tmp_path / "src", n_train=200, group=10)
     seen, accounted = [], 0
     for rank in range(2):
         loader = DataLoader(ByteTokenizer(), B=2, T=50, source=source, rank=rank, world_size=2, buffer_size=20)
         ids, anonymous = set(), 0
-        while loader.epoch == 0:  # exactly this rank's first epoch
-            for rows in rows_of([next(loader)]):
-                segs = [seg for row in rows for seg in segments(row)]
-                ids |= {seg.split("|")[0] for seg in segs if seg}
-                anonymous += segs.count("")  # crops that kept only BOS
+        while loader.state_dict()["sources"][0]["epoch"] == 0:  # exactly this rank's first epoch
+            segs = [seg for rows in rows_of([next(loader)]) for row in rows for seg in segments(row)]
+            ids |= {tag(seg) for seg in segs if seg}
+            anonymous += segs.count("")  # crops that kept only BOS
         units = dataset.split_row_groups(source, "train", rank, 2)
-        pending = {dataset.read_unit(units[u])[d].split("|")[0] for u, d, _ in loader.state_dict()["pending"]}
+        pending = {tag(dataset.read_unit(units[u])[d]) for _, u, d, _ in loader.state_dict()["pending"]}
         assert not ids & pending
         seen.append(ids | pending)
         accounted += len(ids | pending) + anonymous
         loader.close()
     assert seen[0] and seen[1] and not seen[0] & seen[1]
-    assert seen[0] | seen[1] <= {d.split("|")[0] for d in docs[:200]}
+    assert seen[0] | seen[1] <= {tag(d) for d in docs[:200]}
     assert accounted == 200  # together the two ranks cover the whole split
 
 
-def test_resume_gives_the_same_batches(tmp_path):
-    source, _ = make_source(tmp_path / "src")
-    loader = lambda: DataLoader(ByteTokenizer(), B=3, T=40, source=source, buffer_size=30)  # noqa: E731
+def test_resume_gives_the_same_batches_across_a_schedule_switch(tmp_path, capsys):
+    a, _ = make_source(tmp_path / "a")
+    b, _ = make_source(tmp_path / "b", seed=1, first=10_000)
+    schedule = [(0, a), (8, f"{a}:0.5,{b}:0.5")]  # the mixture changes at batch 8
+    loader = lambda: DataLoader(ByteTokenizer(), B=3, T=40, source=schedule, buffer_size=30)  # noqa: E731
     ref = loader()
     expected = take(ref, 30)
-    for cut in (0, 1, 7, 19):
+    ids = [ids_in([batch]) for batch in expected]
+    assert all(int(i[3:]) < 10_000 for batch in ids[:8] for i in batch)  # only a before the switch
+    assert sum(int(i[3:]) >= 10_000 for batch in ids[8:] for i in batch) > len(sum(ids[8:], [])) // 4
+    assert "data: from batch 8 on, the mixture is" in capsys.readouterr().out
+    for cut in (0, 7, 8, 9, 19):
         first = loader()
         got = take(first, cut)
         buf = io.BytesIO()
@@ -185,9 +220,9 @@ def test_resume_gives_the_same_batches(tmp_path):
         for (x0, y0), (x1, y1) in zip(expected, got):
             assert torch.equal(x0, x1) and torch.equal(y0, y1), f"resume at batch {cut} diverged"
     ref.load_state_dict(first.state_dict())  # into a loader whose threads ran ahead: they are replaced
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(expected[19:], take(ref, 5)))
+    assert all(torch.equal(x0, x1) for (x0, _), (x1, _) in zip(expected[19:], take(ref, 5)))
     with pytest.raises(UserError, match="original --source"):
-        ref.load_state_dict(dict(ref.state_dict(), split="val"))
+        ref.load_state_dict(dict(ref.state_dict(), schedule=[[0, a]]))
     ref.close()
 
 
@@ -213,7 +248,7 @@ def test_conversations_pack_with_their_loss_masks():
     for row in (r for x, _ in batches for r in x.tolist()):  # each conversation starts whole: BOS, its tag
         assert all(row[i + 1] >= TAG for i, t in enumerate(row[:-1]) if t == BOS)
     state = json.loads(json.dumps(loader.state_dict()))
-    assert state["docs"] == loader.taken > 0
+    assert state["sources"][0]["docs"] == loader.taken > 0
     expected = take(loader, 4)
     loader.close()
     again = ConversationLoader(ChatTokenizer(), task, B=3, T=20, buffer_size=8)
@@ -224,18 +259,17 @@ def test_conversations_pack_with_their_loss_masks():
 
 def test_many_epochs_roll_over(tmp_path):
     source, docs = make_source(tmp_path / "src", n_train=30, n_val=4, group=4)
-    train_ids = {d.split("|")[0] for d in docs[:30]}
+    train_ids = {tag(d) for d in docs[:30]}
     for split in ("train", "val"):
         loader = DataLoader(ByteTokenizer(), B=2, T=64, source=source, split=split, buffer_size=1000)
         counts = {}
-        for rows in rows_of(take(loader, 60)):
-            for row in rows:
-                for seg in filter(None, segments(row)):  # (skip crops that kept only BOS)
-                    counts[seg.split("|")[0]] = counts.get(seg.split("|")[0], 0) + 1
-        assert loader.epoch >= 3
-        expected = train_ids if split == "train" else {d.split("|")[0] for d in docs[30:]}
+        for i in ids_in(take(loader, 60)):
+            counts[i] = counts.get(i, 0) + 1
+        epoch = loader.state_dict()["sources"][0]["epoch"]
+        assert epoch >= 3
+        expected = train_ids if split == "train" else {tag(d) for d in docs[30:]}
         assert set(counts) == expected  # every document, and nothing from the other split
-        assert max(counts.values()) <= loader.epoch + 1
+        assert max(counts.values()) <= epoch + 1
         loader.close()
 
 
@@ -251,20 +285,6 @@ def test_errors_reach_the_caller(tmp_path):
         next(loader)
 
 
-def test_real_tokenizer_on_stdlib_docs(tmp_path_factory, monkeypatch):
-    # the same session-wide base dir as test_dataset.py's stdlib test: the corpus is built once
-    monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path_factory.getbasetemp() / "stdlib-docs-base"))
-    import tokenizer
-
-    tok = tokenizer.Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: no training needed
-    loaders = [DataLoader(tok, B=2, T=128, split=split, source="stdlib-docs", num_threads=2) for split in ("train", "val")]
-    (x, y), (val, _) = map(next, loaders)
-    assert (x[:, 0] == tok.get_bos_token_id()).all() and torch.equal(x[:, 1:], y[:, :-1])
-    assert tok.decode(x[0].tolist()).startswith("<|bos|>") and not torch.equal(val, x)
-    for loader in loaders:
-        loader.close()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_batches_are_pinned_and_identical(tmp_path):
@@ -272,13 +292,12 @@ def test_cuda_batches_are_pinned_and_identical(tmp_path):
     cpu = take(DataLoader(ByteTokenizer(), B=4, T=64, source=source), 10)
     loader = DataLoader(ByteTokenizer(), B=4, T=64, source=source, device="cuda")
     gpu = take(loader, 1)
-    # spy on the host batches the loader copies from: they must be in pinned memory
     get, pinned = loader._workers.get, []
 
-    def spy():
-        inputs, targets, state = get()
-        pinned.append(inputs.is_pinned() and targets.is_pinned())
-        return inputs, targets, state
+    def spy():  # the host batches the loader copies from must be in pinned memory
+        batch = get()
+        pinned.append(batch[0].is_pinned() and batch[1].is_pinned())
+        return batch
 
     loader._workers.get = spy
     gpu += take(loader, 9)

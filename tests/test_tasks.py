@@ -1,5 +1,5 @@
 """Tasks: real rows rendered through the tokenizer with their loss masks, the GSM8K tool
-calls, answer extraction, mixtures, CustomJSON errors, and the downloader against a local
+calls, answer extraction, mixtures, and the downloader against a local
 127.0.0.1 server (including failing fast when offline)."""
 
 import io
@@ -21,7 +21,6 @@ from common import UserError
 from tasks.arc import ARC
 from tasks.arithmetic import Arithmetic
 from tasks.common import LETTERS, Task, TaskMixture, TaskSequence, last_number, normalize_number
-from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer, solution_parts
 from tasks.humaneval import HumanEval, build_program, extract_code
 from tasks.identity import Identity
@@ -535,58 +534,6 @@ def test_identity_default_file():
     text = json.dumps([c["messages"] for c in task])
     assert "speedchat" in text and "mistakes" in text
     assert any(isinstance(c["messages"][1]["content"], list) for c in task)  # shows the tool once
-
-
-# ---------------------------------------------------------------------------
-# CustomJSON
-
-
-def test_customjson_accepts_both_line_forms(tmp_path):
-    path = tmp_path / "convs.jsonl"
-    lines = [
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-        [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "2+2?"},
-         {"role": "assistant", "content": [{"type": "python", "text": "2+2"},
-                                           {"type": "python_output", "text": "4"},
-                                           {"type": "text", "text": "4"}]}],
-    ]
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    task = CustomJSON(path)
-    assert len(task) == 2
-    assert task[1]["messages"][0]["role"] == "system"
-    task[0]["messages"].append("mutated")
-    assert len(task[0]["messages"]) == 2  # handed out as copies
-
-
-@pytest.mark.parametrize("line,error", [
-    ('{"messages": [', "not valid JSON"),
-    ('{"convo": []}', 'expected {"messages"'),
-    ('{"messages": []}', "non-empty list"),
-    ('[{"role": "assistant", "content": "hi"}]', "'user' was expected"),
-    ('[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]', "'assistant' was expected"),
-    ('[{"role": "user", "content": "a"}]', "last message must be from the assistant"),
-    ('[{"role": "user", "content": "a"}, {"role": "assistant"}]', "'role' and 'content'"),
-    ('[{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]', "empty"),
-    ('[{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "x"}]', "must be a string"),
-    ('[{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]',
-     "each part must be"),
-])
-def test_customjson_errors_name_the_line(tmp_path, line, error):
-    path = tmp_path / "bad.jsonl"
-    good = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
-    path.write_text(f"{good}\n\n{line}\n")
-    with pytest.raises(UserError) as info:
-        CustomJSON(path)
-    message = str(info.value)
-    assert f"{path} line 3:" in message and error in message and "\n" not in message
-
-
-def test_customjson_missing_and_empty(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        CustomJSON(tmp_path / "nope.jsonl")
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(UserError, match="no conversations"):
-        CustomJSON(tmp_path / "empty.jsonl")
 
 
 # ---------------------------------------------------------------------------
