@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import dataset
-from common import UserError
+from common import UserError, print0
 
 STATE_VERSION = 2
 SEQ_BITS = 40  # buffer keys are (length << SEQ_BITS) | (SEQ_MASK - seq): sorted by length, then age
@@ -286,6 +286,8 @@ class _Packer:
             for d, tokens in enumerate(docs):
                 self._add(unit, d, tokens)
             self.epoch, self.unit = (epoch + 1, 0) if unit + 1 == self._num_units else (epoch, unit + 1)
+            if self.unit == 0 and self.fixed["split"] == "train":  # (read ahead of training by the buffer)
+                print0(f"data: {self.fixed['source']}: epoch {self.epoch + 1} begins (rank 0): documents repeat")
         return True
 
     def _fill_row(self, row) -> bool:
