@@ -7,6 +7,7 @@ import os
 import random
 import sys
 import tempfile
+import traceback
 import contextlib
 from pathlib import Path
 
@@ -42,15 +43,32 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(), turning a UserError into a one-line message and exit code 1."""
+    """Run a script's main(): a UserError is one line and exit 1, Ctrl-C exit 130. Under torchrun a
+    failing rank (any exception) prints its message and leaves at once: torchrun sees it die and stops
+    the other ranks within seconds, where they would otherwise wait in their next collective until the
+    NCCL timeout."""
     try:
         main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+    except (UserError, KeyboardInterrupt) as e:
+        where = f"rank {get_rank()}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"error: {where}{str(e) or 'interrupted'}", file=sys.stderr, flush=True)
+        leave(130 if isinstance(e, KeyboardInterrupt) else 1)
+    except Exception as e:
+        if distributed():
+            traceback.print_exc()
+            print(f"error: rank {get_rank()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            leave(1)
+        raise
+
+
+def leave(code):
+    """sys.exit(code); in a process group, os._exit: its teardown would wait for the ranks still
+    blocked in a collective, and they wait for this one."""
+    if distributed():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def format_seconds(seconds: float) -> str:
@@ -130,24 +148,24 @@ def resolve_device(name: str | None) -> str:
     import torch
 
     name = name or autodetect_device()
-    kind = name.split(":")[0]
-    missing = {"cpu": None, "cuda": None if torch.cuda.is_available() else "no CUDA GPU is visible",
+    problem = {"cpu": None, "cuda": None if torch.cuda.is_available() else "no CUDA GPU is visible",
                "mps": None if torch.backends.mps.is_available() else "MPS is not available here"}
-    if kind not in missing:
-        raise UserError(f"--device {name!r} is not a device: use cuda, cpu or mps")
-    if missing[kind]:
-        raise UserError(f"--device {name} was asked for but {missing[kind]}")
+    problem = problem.get(name.split(":")[0], "not a device (use cuda, cpu or mps)")
+    if problem:
+        raise UserError(f"--device {name}: {problem}")
     return name
 
 
-def get_dtype(device_type: str):
-    """bf16 on CUDA SM80+, fp32 elsewhere; SPEEDCHAT_DTYPE=bfloat16|float32|float16 forces it."""
+def get_dtype(device_type: str, training=False):
+    """bf16 on CUDA SM80+, fp32 elsewhere; SPEEDCHAT_DTYPE forces bfloat16, float32 or (not for
+    training, which would need a gradient scaler) float16."""
     import torch
 
+    allowed = ["bfloat16", "float32"] + ([] if training else ["float16"])
     forced = os.environ.get("SPEEDCHAT_DTYPE")
+    if forced and forced not in allowed:
+        raise UserError(f"SPEEDCHAT_DTYPE={forced}: use {' or '.join(allowed)}{' to train' * training}")
     if forced:
-        if not hasattr(torch, forced) or not isinstance(getattr(torch, forced), torch.dtype):
-            raise UserError(f"SPEEDCHAT_DTYPE={forced!r} is not a torch dtype (use bfloat16, float16 or float32)")
         return getattr(torch, forced)
     if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
         return torch.bfloat16
@@ -155,14 +173,7 @@ def get_dtype(device_type: str):
 
 
 def training_dtype(device_type: str):
-    """bf16 or fp32 (get_dtype's choice, or SPEEDCHAT_DTYPE): float16 would need a gradient scaler."""
-    import torch
-
-    dtype = get_dtype(device_type)
-    if dtype not in (torch.bfloat16, torch.float32):
-        raise UserError(f"training runs in bfloat16 or float32, not {str(dtype).removeprefix('torch.')}: "
-                        f"set SPEEDCHAT_DTYPE=bfloat16 or float32, or unset it")
-    return dtype
+    return get_dtype(device_type, training=True)
 
 
 def peak_flops(device, dtype):
@@ -179,6 +190,9 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     """Set up the device and, under torchrun, the process group.
     Returns (ddp, rank, local_rank, world_size, device). One process without
     torchrun is the same code with world size 1; under torchrun LOCAL_RANK picks the GPU."""
+    # before CUDA starts: the allocator grows segments in place instead of leaving freed blocks of
+    # the wrong size (fragmentation is what makes a batch that fits once fail later)
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     import torch
     import torch.distributed as dist
 
@@ -226,8 +240,9 @@ def init_wandb(run_name: str | None, project: str, config: dict, master: bool):
         return DummyWandb()
     try:
         import wandb
-    except ImportError:
-        raise UserError("--run was given but wandb is not installed: `uv pip install wandb`, or drop --run")
+    except ImportError:  # a run is not worth losing over its dashboard
+        print(f"warning: --run {run_name}: wandb is not installed (`uv pip install wandb`): logging here only")
+        return DummyWandb()
     return wandb.init(project=project, name=run_name, config=config)
 
 
@@ -239,7 +254,7 @@ def checked(kind, ok, what):
     """An argparse type: `kind(text)`, refused unless ok(value) (`what` says what is allowed)."""
     def parse(text):
         value = kind(text)
-        if not ok(value):  # `not ok` also refuses nan, which compares False with everything
+        if not ok(value):  # `not ok` refuses nan too
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value" messages

@@ -15,7 +15,8 @@ furthest behind its share, the one with the largest weight * (n + 1) - its token
 the tokens drawn from all (ties: the first named). So every prefix of the stream holds each
 source's share to within a document, and the order depends only on the data and the weights. A
 schedule [(0, "fineweb-edu"), (800, "fineweb-edu:0.7,dir:/data/math:0.3")] switches the mixture
-when the packer starts batch 800 (shares count from the switch on).
+when the packer starts the batch holding this rank's row 800 (shares count from the switch on). Rows,
+not batches: the trainer may halve the device batch after planning it, the schedule stays put.
 
 Packing (BOS-aligned best fit): each document is [BOS] + its tokens. A row of T+1 tokens is
 filled by repeatedly taking, from a buffer of pending documents, the largest one that fits in
@@ -59,7 +60,7 @@ class DataLoader:
     def __init__(self, tokenizer, B, T, split="train", source="stdlib-docs", device="cpu", rank=0, world_size=1,
                  buffer_size=1000, num_threads=4, prefetch=4):
         """B rows of T tokens per batch. source: a source or mixture (dataset.parse_mixture), or a
-        schedule [(first batch, mixture), ...] starting at batch 0. buffer_size: pending documents to
+        schedule [(first row, mixture), ...] starting at row 0. buffer_size: pending documents to
         choose from when packing (more: fewer crops, more memory). num_threads: tokenizer threads per
         source. prefetch: batches made ahead."""
         assert B > 0 and T > 0, (B, T)
@@ -309,7 +310,7 @@ class _Packer:
 
     def _pick(self) -> int:
         """The source of the next document: the one furthest behind its share of this stage."""
-        stage = bisect.bisect_right([first for first, _ in self.schedule], self.batches) - 1
+        stage = bisect.bisect_right([first for first, _ in self.schedule], self.batches * self.B) - 1
         if stage != self.stage:  # shares count from the switch on
             self.stage = stage
             for src in self.sources:
@@ -343,6 +344,8 @@ class _Packer:
             last = src["unit"] + 1 == self.num_units[s]
             src["epoch"], src["unit"], src["doc"] = src["epoch"] + last, 0 if last else src["unit"] + 1, 0
             self.current[s] = None
+            if last and self.fixed["split"] == "train":  # (read ahead of training by the buffer)
+                print0(f"data: {src['name']}: epoch {src['epoch'] + 1} begins: its documents repeat")
         return True
 
     def _fill_row(self, row) -> bool:

@@ -46,14 +46,10 @@ def is_col_major(t):
 
 def scaled_mm(a, b, inv_a, inv_b, out_dtype, fast_accum=False):
     """a @ b * inv_a * inv_b for fp8 a (M, K) row-major and b (K, N) column-major, K and N
-    multiples of 16: what CUDA requires, checked here on every device so that the CPU tests
-    catch a layout or size mistake too (the CPU kernel would accept it)."""
-    if not (is_row_major(a) and is_col_major(b)):
-        raise RuntimeError(f"scaled_mm: need a row-major first operand and a column-major second one, "
-                           f"got strides {a.stride()} and {b.stride()}")
-    if a.size(1) % DIM_MULTIPLE or b.size(0) % DIM_MULTIPLE or b.size(1) % DIM_MULTIPLE:
-        raise RuntimeError(f"scaled_mm: the reduced dim and both dims of the second operand must be multiples "
-                           f"of {DIM_MULTIPLE}, got {tuple(a.shape)} @ {tuple(b.shape)}")
+    multiples of 16: what CUDA requires, asserted on every device so that the CPU tests catch a
+    layout or size mistake too (the CPU kernel would accept it)."""
+    assert is_row_major(a) and is_col_major(b), ("layout", a.stride(), b.stride())
+    assert a.size(1) % DIM_MULTIPLE == b.size(0) % DIM_MULTIPLE == b.size(1) % DIM_MULTIPLE == 0, (a.shape, b.shape)
     return torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 

@@ -20,9 +20,11 @@ measured as a gain at d12-d26 (nanochat's log, modded-nanogpt's records):
 The attention kernels and the KV cache live in attention.py. With a KV cache, forward()
 takes any number of tokens at the cache's Python-int position (prefill, the plain decode loop), and
 decode_step() one token per row at a position in a device tensor, in shapes that never change, so
-that torch.compile can capture it in a CUDA graph (engine.py).
+that torch.compile can capture it in a CUDA graph (engine.py). pretraining_recipe, at the end, carries
+the d12-tuned training constants (batch, learning rates, weight decay) to any size and horizon.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -353,3 +355,38 @@ class GPT(nn.Module):
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
         return [adamw, muon]
+
+
+# The pretraining recipe. Its constants were tuned on a d12 model (768 wide) at 2^19 tokens per step
+# (nanochat's log); these rules carry them to any size. plan.py and base_train both call
+# pretraining_recipe, so the plan and the run cannot disagree.
+
+REFERENCE_DEPTH, REFERENCE_BATCH = 12, 2**19
+MUON_WEIGHT_DECAY = 0.28  # at the reference
+
+
+def pretraining_recipe(model, ratio, total_batch_size=-1, tokens_per_micro_step=1, weight_decay=MUON_WEIGHT_DECAY,
+                       scale_lr=True):
+    """dict(tokens, reference_tokens, total_batch_size, num_iterations, lr_scale, weight_decay) for
+    training `model` (real or on the meta device) on ratio x its scaling parameters (num_params):
+    - tokens D = ratio x the matrices and lm_head: their count, not the lookup tables', sets the compute;
+    - total batch (given, or <= 0: 2^19 x (D / D_ref)^0.383, D_ref the same ratio at d12, rounded to a
+      power of two): the best batch grows as a power of the tokens (Power Lines, arXiv:2505.13738);
+      then rounded to a multiple of tokens_per_micro_step;
+    - every learning rate x sqrt(B / 2^19) (scale_lr): the gradient's noise falls as 1/sqrt(B) (Adam's
+      square-root rule, used for Muon too);
+    - Muon's weight decay x (B / 2^19) / lr scale x D_ref / D, which is sqrt(B / 2^19) x D_ref / D with
+      the rule above: keeps the decay's timescale B / (lr x decay x D) at the d12 value, i.e. the same
+      total decay over a run of any length (the AdamW groups keep their own fixed decay)."""
+    c = model.config
+    with torch.device("meta"):
+        reference = GPT(config_from_depth(REFERENCE_DEPTH, c.vocab_size, sequence_len=c.sequence_len))
+    tokens, reference_tokens = ratio * model.num_params()["scaling"], ratio * reference.num_params()["scaling"]
+    if total_batch_size <= 0:
+        total_batch_size = 2 ** round(math.log2(REFERENCE_BATCH * (tokens / reference_tokens) ** 0.383))
+    total_batch_size = max(1, round(total_batch_size / tokens_per_micro_step)) * tokens_per_micro_step
+    batch_ratio = total_batch_size / REFERENCE_BATCH
+    lr_scale = batch_ratio**0.5 if scale_lr else 1.0
+    return dict(tokens=tokens, reference_tokens=reference_tokens, total_batch_size=total_batch_size,
+                num_iterations=max(1, round(tokens / total_batch_size)), lr_scale=lr_scale,
+                weight_decay=weight_decay * batch_ratio / lr_scale * reference_tokens / tokens)

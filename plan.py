@@ -18,7 +18,10 @@ import os
 import shutil
 import sys
 
+import torch
+
 from common import get_base_dir, print0, run_main
+from model import GPT, config_from_depth, pretraining_recipe
 
 # Dense peak FLOP/s (bf16 with fp32 accumulation; fp8 where the card has it) from the vendors' data
 # sheets, and the memory torch reports, in GiB. The most specific name comes first: "H100" alone is
@@ -56,7 +59,6 @@ CROP_FRACTION, DATA_MARGIN = 0.35, 0.10
 # stream 4d. The softcapped logits cost 6 bytes each (bf16 kept for backward + their fp32 gradient).
 ACTIVATION_BYTES_PER_D, LOGIT_BYTES = 24, 6
 MEMORY_MARGIN = 0.85  # plan to at most this share of the card: the allocator, the CUDA context, workspaces
-REFERENCE_DEPTH, REFERENCE_BATCH = 12, 2**19  # the batch size tuned at d12 (2^19 tokens)
 DEFAULT_MFU = 0.45
 DEFAULT_GPU_HOUR_USD = 3.00
 
@@ -71,8 +73,6 @@ def find_gpu(name):
 
 def local_gpus():
     """(count, name, memory GiB) of this machine's CUDA GPUs, or (0, "", 0.0)."""
-    import torch
-
     if not torch.cuda.is_available():
         return 0, "", 0.0
     props = torch.cuda.get_device_properties(0)
@@ -81,23 +81,8 @@ def local_gpus():
 
 def meta_model(depth, vocab_size, seq_len):
     """The GPT of --depth on the meta device: real shapes, no memory."""
-    import torch
-    from model import GPT, config_from_depth
-
     with torch.device("meta"):
         return GPT(config_from_depth(depth, vocab_size, sequence_len=seq_len))
-
-
-def scaling_params(model):
-    """The parameters that the horizon and batch rules count (model.num_params: the transformer's
-    matrices and the lm_head; embedding lookups cost no FLOPs and scale differently)."""
-    return model.num_params()["scaling"]
-
-
-def auto_batch_size(tokens, reference_tokens):
-    """Tokens per optimizer step: the d12-tuned 2^19 grown as (D / D_ref)^0.383 with the training tokens
-    D (the Power Lines fit, arXiv:2505.13738), rounded to a power of two."""
-    return 2 ** round(math.log2(REFERENCE_BATCH * (tokens / reference_tokens) ** 0.383))
 
 
 def estimate_peak_gib(model, batch_rows, seq_len, world_size):
@@ -127,24 +112,27 @@ def make_plan(depth, ratio, gpus, gpu_name, gpu_mem=None, nodes=1, seq_len=2048,
     mem = gpu_mem or (card[0] if card else None)
     world = gpus * nodes
     model = meta_model(depth, vocab_size, seq_len)
-    reference = scaling_params(meta_model(REFERENCE_DEPTH, vocab_size, seq_len))
-    tokens_target = ratio * scaling_params(model)
-    total_batch = auto_batch_size(tokens_target, ratio * reference)
-    steps = max(1, round(tokens_target / total_batch))
-    rows = [device_batch_size] if device_batch_size else [64, 32, 16, 8, 4, 2, 1]
-    rows = [b for b in rows if total_batch % (b * seq_len * world) == 0] or rows[-1:]
+    # the batch and horizon of base_train's own rules; the device batch: the most rows per GPU, up to
+    # one micro-step per optimizer step, whose estimated peak fits (base_train rounds the total batch
+    # to a multiple of the micro-step, as done here)
+    batch = pretraining_recipe(model, ratio)["total_batch_size"]
+    rows = [device_batch_size] if device_batch_size else [b for b in (64, 32, 16, 8, 4, 2, 1)
+                                                          if b == 1 or b * seq_len * world <= batch]
     fits = [b for b in rows if mem is None or estimate_peak_gib(model, b, seq_len, world) <= MEMORY_MARGIN * mem]
     device_batch = fits[0] if fits else rows[-1]
+    recipe = pretraining_recipe(model, ratio, tokens_per_micro_step=device_batch * seq_len * world)
+    total_batch, steps = recipe["total_batch_size"], recipe["num_iterations"]
     peak = estimate_peak_gib(model, device_batch, seq_len, world)
     flops_per_token = model.estimate_flops()
     tokens = steps * total_batch
     hours = flops_per_token * tokens / (world * card[1] * mfu) / 3600 if card else None
     shards = shards_for(tokens, source)
     return {
-        "depth": depth, "ratio": ratio, "params": model.num_params()["total"], "scaling_params": scaling_params(model),
+        "depth": depth, "ratio": ratio, "params": model.num_params()["total"], "scaling_params": model.num_params()["scaling"],
         "flops_per_token": flops_per_token, "tokens": tokens, "total_batch_size": total_batch,
-        "device_batch_size": device_batch, "grad_accum": max(1, total_batch // (device_batch * seq_len * world)),
-        "steps": steps, "source": source, "shards_needed": shards,
+        "device_batch_size": device_batch, "grad_accum": total_batch // (device_batch * seq_len * world),
+        "steps": steps, "lr_scale": recipe["lr_scale"], "muon_weight_decay": recipe["weight_decay"],
+        "source": source, "shards_needed": shards,
         "shards_downloaded": min(shards, SOURCES[source]["last_shard"]) + 1,  # + the validation shard
         "disk_gb": (shards + 1) * SOURCES[source]["shard_gb"],
         "est_peak_mem_gib": round(peak, 1), "gpu_mem_gib": mem, "fits": bool(fits) and mem is not None,
@@ -163,7 +151,8 @@ def describe(plan):
         f"{p['flops_per_token']:.3e} FLOP/token",
         f"tokens:     {p['tokens']:,} ({p['ratio']:g} x the scaling parameters)",
         f"batch:      {p['total_batch_size']:,} tokens/step = {p['device_batch_size']} rows x {p['grad_accum']} "
-        f"accumulation on each GPU; {p['steps']:,} steps",
+        f"accumulation on each GPU; {p['steps']:,} steps; learning rates x {p['lr_scale']:.3f}, Muon weight decay "
+        f"{p['muon_weight_decay']:.4f}",
         f"data:       {p['shards_needed']} {p['source']} shards needed (after a {CROP_FRACTION:.0%} crop loss and a "
         f"{DATA_MARGIN:.0%} margin); {p['shards_downloaded']} downloaded with validation, ~{p['disk_gb']:.0f} GB",
         f"hardware:   {card}",
@@ -177,15 +166,18 @@ def describe(plan):
 
 
 def problems(plan, base_dir):
-    """What stops this run before it starts: memory, disk."""
+    """What stops this run before it starts: memory, disk (for the shards not downloaded yet)."""
     out = []
     if not plan["fits"]:
         out.append(f"d{plan['depth']} does not fit in {plan['gpu_mem_gib']} GiB even at 1 row per GPU "
                    f"(~{plan['est_peak_mem_gib']} GiB): choose a smaller --depth or a larger GPU"
                    if plan["gpu_mem_gib"] else f"unknown GPU {plan['gpu']!r}: give --gpu-mem-gib")
+    present = len(list((base_dir / "data" / plan["source"]).glob("shard_*.parquet")))
+    missing_gb = max(0, plan["shards_downloaded"] - present) * SOURCES[plan["source"]]["shard_gb"]
     free_gb = shutil.disk_usage(base_dir).free / 1e9
-    if free_gb < plan["disk_gb"] + 10:  # + checkpoints and the rest
-        out.append(f"{plan['disk_gb']:.0f} GB of shards (+10 GB) do not fit in the {free_gb:.0f} GB free in {base_dir}")
+    if free_gb < missing_gb + 10:  # + checkpoints and the rest
+        out.append(f"{missing_gb:.0f} GB of shards still to download (+10 GB) do not fit in the {free_gb:.0f} GB free "
+                   f"in {base_dir}")
     return out
 
 
@@ -213,7 +205,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=positive(int), default=2048, help="context length (default: %(default)s)")
     p.add_argument("--device-batch-size", type=positive(int), default=None, help="rows per GPU (default: the largest that fits)")
     p.add_argument("--mfu", type=positive(float), default=DEFAULT_MFU, help="assumed MFU (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object (and the text to stderr)")
     p.add_argument("--check", action="store_true", help="exit 1 when the run does not fit in memory or on disk")
     args = p.parse_args(argv)
     count, name, mem = local_gpus() if args.gpu is None or args.gpus is None else (0, "", 0.0)
@@ -222,7 +214,9 @@ def main(argv=None):
     plan = make_plan(args.depth, args.ratio, gpus, gpu, gpu_mem=args.gpu_mem_gib or (mem if name == gpu else None),
                      nodes=args.nodes, seq_len=args.seq_len, vocab_size=args.vocab_size, source=args.source,
                      mfu=args.mfu, gpu_hour_usd=rate, device_batch_size=args.device_batch_size)
-    print0(json.dumps(plan) if args.json else describe(plan))
+    if args.json:  # the description goes to stderr, for the person watching a script that reads the JSON
+        print0(json.dumps(plan))
+    print0(describe(plan), file=sys.stderr if args.json else sys.stdout)
     found = problems(plan, get_base_dir())
     for line in found:
         print0(f"error: {line}", file=sys.stderr)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # speedrun: train a small ChatGPT end to end and write report.md.
 #
-#   bash speedrun.sh                 # 8xH100 (or any number of CUDA GPUs): d20, a few hours
+#   bash speedrun.sh                 # 8xH100 (or any number of CUDA GPUs): d24, GPT-2 grade, a few hours
+#   SPEEDCHAT_DEPTH=20 bash speedrun.sh      # the cheap tier: d20, about a third of the pretraining time
 #   bash speedrun.sh                 # no CUDA GPU: the tiny offline CPU preset, a few minutes
 #   SPEEDCHAT_PRESET=cpu bash speedrun.sh    # force the CPU preset
 #
@@ -92,27 +93,36 @@ fi
 stage report-reset $PY -m report reset
 
 if [ "$PRESET" = gpu ]; then
-    # d20 (~560M parameters) trained on ~11B tokens (20 tokens per parameter): 240 shards of FineWeb-edu.
-    stage data-first $PY -m dataset --source fineweb-edu -n 8
-    $PY -m dataset --source fineweb-edu -n 240 > "$SPEEDCHAT_BASE_DIR/download.log" 2>&1 &
+    # d24 on 8 tokens per scaling parameter: the GPT-2-grade run (SPEEDCHAT_DEPTH=20: the cheap tier).
+    # The plan (plan.py) sizes it for these GPUs first: shards to download, rows per GPU, memory, disk.
+    DEPTH=${SPEEDCHAT_DEPTH:-24}
+    PLAN="$SPEEDCHAT_BASE_DIR/plan-d$DEPTH.json"
+    $PY -m plan --depth "$DEPTH" --ratio 8 --json --check > "$PLAN" \
+        || { echo "error: d$DEPTH does not fit this machine (see the plan above): free disk, use GPUs with more memory, or SPEEDCHAT_DEPTH=20" >&2; exit 1; }
+    plan_value() { $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$PLAN" "$1"; }
+    SHARDS=$(plan_value shards_needed); DEVICE_BATCH=$(plan_value device_batch_size)
+    FP8=$($PY -c 'import torch, fp8; print("--fp8" if fp8.fp8_supported(torch.device("cuda"))[0] else "")')
+    stage data-first $PY -m dataset --source climbmix -n 8
+    $PY -m dataset --source climbmix -n "$SHARDS" > "$SPEEDCHAT_BASE_DIR/download.log" 2>&1 &
     DOWNLOAD_PID=$!
-    stage tokenizer-train $PY -m tokenizer.train --source fineweb-edu --vocab-size 65536 --max-chars 2000000000
-    stage tokenizer-eval $PY -m tokenizer.eval --source fineweb-edu
+    stage tokenizer-train $PY -m tokenizer.train --source climbmix --vocab-size 32768 --max-chars 2000000000
+    stage tokenizer-eval $PY -m tokenizer.eval --source climbmix
     echo "waiting for the shard download (log: $SPEEDCHAT_BASE_DIR/download.log)"
     wait $DOWNLOAD_PID || { echo "error: the shard download failed: see $SPEEDCHAT_BASE_DIR/download.log" >&2; exit 1; }
     # The batch sizes of nanochat's d20 recipe, rounded up so that any number of GPUs divides them.
     round_up() { echo $(( ($1 + $2 - 1) / $2 * $2 )); }
-    TOKENS_PER_STEP=$(round_up 524288 $((32 * 2048 * NGPU)))   # 32 rows of 2048 tokens per GPU
+    TOKENS_PER_STEP=$(round_up 524288 $((DEVICE_BATCH * 2048 * NGPU)))   # the plan's rows of 2048 tokens per GPU
     SFT_EXAMPLES=$(round_up 32 $((4 * NGPU)))                  # 4 conversations per GPU
-    stage base-train $RUN -m base_train -- --depth 20 --total-batch-size $TOKENS_PER_STEP $(resume_flag base)
+    stage base-train $RUN -m base_train -- --depth "$DEPTH" --target-param-data-ratio 8 \
+        --device-batch-size "$DEVICE_BATCH" $FP8 $(resume_flag base)
     stage base-eval $RUN -m base_eval
-    stage mid-train $RUN -m mid_train -- --preset full --total-batch-size $TOKENS_PER_STEP $(resume_flag mid)
+    stage mid-train $RUN -m mid_train -- --preset full --device-batch-size "$DEVICE_BATCH" --total-batch-size $TOKENS_PER_STEP $(resume_flag mid)
     stage chat-eval-mid $RUN -m chat_eval -- --source mid
     stage chat-sft $RUN -m chat_sft -- --preset full --examples-per-step $SFT_EXAMPLES $(resume_flag sft)
     stage chat-eval-sft $RUN -m chat_eval -- --source sft
 else
     # The offline CPU preset: the stdlib-docs corpus, a tiny model, self-generated chat tasks.
-    TINY="--depth 2 --aspect-ratio 64 --head-dim 32 --max-seq-len 128 --device-batch-size 8 --total-batch-size -1"
+    TINY="--depth 2 --aspect-ratio 64 --head-dim 32 --max-seq-len 128 --device-batch-size 8 --total-batch-size 1024"
     stage data $PY -m dataset --source stdlib-docs
     stage tokenizer-train $PY -m tokenizer.train --source stdlib-docs --vocab-size 2048 --max-chars 20000000
     stage tokenizer-eval $PY -m tokenizer.eval --source stdlib-docs

@@ -16,6 +16,7 @@ a fresh run replaces the checkpoints of an earlier run there at its first save.
 """
 
 import argparse
+import gc
 import hashlib
 import math
 import time
@@ -57,7 +58,8 @@ def add_flags(p, *, device_batch_size, eval_every, save_every, warmdown_ratio):
     g.add_argument("--embedding-lr", type=RATE, default=0.2, help="AdamW learning rate of the token embedding")
     g.add_argument("--unembedding-lr", type=RATE, default=0.004, help="AdamW learning rate of the lm_head")
     g.add_argument("--matrix-lr", type=RATE, default=0.02, help="Muon learning rate of the transformer matrices")
-    g.add_argument("--weight-decay", type=RATE, default=0.0, help="weight decay")
+    g.add_argument("--weight-decay", type=RATE, default=0.0,
+                   help="Muon's weight decay (the AdamW groups keep their own small fixed decay)")
     g.add_argument("--warmdown-ratio", type=FRACTION, default=warmdown_ratio,
                    help="fraction of training over which the lr decays linearly at the end")
     g.add_argument("--final-lr-frac", type=FRACTION, default=0.0, help="lr at the end, as a fraction of the peak")
@@ -93,8 +95,7 @@ def derive_batch(device_batch_size, seq_len, total_batch_size, world_size):
     tokens_per_micro = device_batch_size * seq_len * world_size
     total = total_batch_size if total_batch_size > 0 else tokens_per_micro
     if total % tokens_per_micro:
-        raise UserError(f"--total-batch-size {total} is not a multiple of device batch x seq len x processes = "
-                        f"{device_batch_size} x {seq_len} x {world_size} = {tokens_per_micro}")
+        raise UserError(f"--total-batch-size {total} is not a multiple of rows x seq len x processes = {tokens_per_micro}")
     return total, total // tokens_per_micro
 
 
@@ -247,16 +248,11 @@ class Run:
         self.args, self.stage, self.tag = args, stage, tag
         where = checkpoint.checkpoint_dir(stage, tag) if tag else get_base_dir() / "checkpoints" / stage
         if args.resume and (not tag or checkpoint.find_last_step(where) is None):
-            raise UserError(f"--resume: no {stage} checkpoint under {where}: run `python -m "
-                            f"{checkpoint.STAGE_SCRIPTS[stage]}` without --resume to start fresh (or check --model-tag)")
+            raise UserError(f"--resume: no {stage} checkpoint under {where}: drop --resume (or check --model-tag)")
         # one trainer per checkpoint folder, taken before anything below reads or clears it
         self.ckpt_dir = checkpoint.acquire_lock(stage, tag)
         self.ddp, self.rank, _, self.world_size, self.device = compute_init(args.device, seed=args.seed)
-        try:
-            self._start()
-        except BaseException:
-            compute_cleanup()
-            raise
+        self._start()
 
     def _start(self):
         args, self.master, self.dtype = self.args, self.rank == 0, training_dtype(self.device.type)
@@ -281,24 +277,27 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        compute_cleanup()
+    def __exit__(self, failure, *_):
+        if failure is None:  # a failing rank leaves at once (common.run_main): a process-group teardown
+            compute_cleanup()  # would wait for the ranks that wait for it in a collective
 
     def check_resumed(self, **expected):
         """--resume continues a run only with the values it was started with (model, data, processes)."""
         for key, value in expected.items():
-            if self.resumed is not None and self.resumed.get(key) != value:
-                raise UserError(f"--resume: the checkpoint in {self.ckpt_dir} was trained with {key} "
-                                f"{self.resumed.get(key)!r}, this run has {value!r}: resume with the flags and number of "
-                                f"processes it was started with, or drop --resume to start over")
+            saved = value if self.resumed is None else self.resumed.get(key)
+            if saved != value:
+                raise UserError(f"--resume: {self.ckpt_dir} was trained with {key} {saved!r}, not {value!r}: "
+                                f"resume with its flags, or drop --resume to start over")
 
-    def prepare(self, model, batches, lr_scale=1.0, compile_default=True, dynamic=False):
-        """Optimizers (peak learning rates = the flags' x lr_scale) and torch.compile for `model`; a
-        resumed run restores the model, optimizers, data position (`batches`), RNG and loop state."""
+    def prepare(self, model, batches, lr_scale=1.0, weight_decay=None, compile_default=True, dynamic=False):
+        """Optimizers (peak learning rates = the flags' x lr_scale, Muon's decay --weight-decay unless
+        given) and torch.compile for `model`; a resumed run restores the model, optimizers, data position
+        (`batches`, which must not have made a batch yet), RNG and loop state."""
         args = self.args
         self.orig_model, self.batches = model.train(), batches
         self.optimizers = model.setup_optimizers(embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
-                                                 matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+                                                 matrix_lr=args.matrix_lr,
+                                                 weight_decay=args.weight_decay if weight_decay is None else weight_decay)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"] * lr_scale
@@ -370,6 +369,10 @@ class Run:
             self.smooth_loss = EMA_BETA * self.smooth_loss + (1 - EMA_BETA) * loss
             self.step += 1
             window[2] += tokens
+            if self.step == start + 1:  # what exists now lives all run: the collector skips it from here
+                gc.collect()            # on (full collections of it paused steps for ~500 ms in nanochat)
+                gc.freeze()
+        gc.unfreeze()
         self.seconds = time.time() - t_start
 
     def loss(self):
@@ -380,8 +383,7 @@ class Run:
         """The step line, from `window` = [time, step, tokens] of the steps since the last one (reset here)."""
         loss, now = self.loss(), time.perf_counter()
         if not math.isfinite(loss):  # the same number on every rank: they all stop here
-            raise UserError(f"the loss became {loss} at step {self.step}: lower the learning rates or resume "
-                            f"from an earlier checkpoint")
+            raise UserError(f"the loss became {loss} at step {self.step}: lower the learning rates")
         seconds, steps, tokens = now - window[0], self.step - window[1], window[2]
         if timed:  # the first compiled steps are mostly compiling
             self.training_time += seconds

@@ -198,7 +198,7 @@ def test_single_source_ranks_cover_the_split_once(tmp_path):
 def test_resume_gives_the_same_batches_across_a_schedule_switch(tmp_path, capsys):
     a, _ = make_source(tmp_path / "a")
     b, _ = make_source(tmp_path / "b", seed=1, first=10_000)
-    schedule = [(0, a), (8, f"{a}:0.5,{b}:0.5")]  # the mixture changes at batch 8
+    schedule = [(0, a), (24, f"{a}:0.5,{b}:0.5")]  # the mixture changes at row 24: batch 8
     loader = lambda: DataLoader(ByteTokenizer(), B=3, T=40, source=schedule, buffer_size=30)  # noqa: E731
     ref = loader()
     expected = take(ref, 30)

@@ -12,9 +12,9 @@ KEYS = ["depth", "params", "flops_per_token", "tokens", "total_batch_size", "dev
         "steps", "shards_needed", "shards_downloaded", "est_peak_mem_gib", "gpu_mem_gib", "est_hours", "est_cost_usd"]
 
 
-def hand_scaling_params(depth, vocab=32768):
-    d = 64 * depth  # width; q, k, v, o (4 d^2) and the 4x MLP (8 d^2) per layer, plus the lm_head
-    value_gates = (depth // 2) * (d // 128) * 12  # alternate layers: one 12-channel gate per kv head
+def hand_scaling_params(depth, vocab=32768, width=None, head_dim=128):
+    d = width or 64 * depth  # q, k, v, o (4 d^2) and the 4x MLP (8 d^2) per layer, plus the lm_head
+    value_gates = (depth // 2) * (d // head_dim) * 12  # alternate layers: one 12-channel gate per kv head
     return 12 * depth * d * d + vocab * d + value_gates
 
 
@@ -26,6 +26,8 @@ def test_tokens_batch_and_steps_follow_the_rules(depth):
     batch = 2 ** round(math.log2(2**19 * (n / hand_scaling_params(12)) ** 0.383))
     assert p["total_batch_size"] == batch
     assert p["steps"] == round(8 * n / batch) and p["tokens"] == p["steps"] * batch
+    assert p["lr_scale"] == (batch / 2**19) ** 0.5  # the run's rates and Muon decay: base_train's own rule
+    assert p["muon_weight_decay"] == pytest.approx(0.28 * p["lr_scale"] * hand_scaling_params(12) / n)
     assert p["total_batch_size"] == p["device_batch_size"] * 2048 * 8 * p["grad_accum"]
     # hours = FLOPs / (GPUs x peak x MFU); cost = hours x GPUs x rate
     assert p["est_hours"] == pytest.approx(p["flops_per_token"] * p["tokens"] / (8 * 989.4e12 * 0.45) / 3600)
@@ -66,5 +68,6 @@ def test_pcie_and_unknown_cards():
 def test_json_has_the_documented_keys(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("SPEEDCHAT_BASE_DIR", str(tmp_path))
     plan.main(["--gpus", "8", "--gpu", H100, "--json"])
-    out = json.loads(capsys.readouterr().out)
-    assert set(KEYS) <= set(out) and out["depth"] == 24
+    out, err = capsys.readouterr()
+    assert set(KEYS) <= set(json.loads(out)) and json.loads(out)["depth"] == 24
+    assert "tokens:" in err  # the text for the person watching speedrun.sh, which reads the JSON
