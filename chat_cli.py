@@ -29,7 +29,8 @@ def number(kind, lo, hi=math.inf, lo_open=False):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with a speedchat model in the terminal.")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
-    p.add_argument("--source", default="sft", choices=["base", "mid", "sft"], help="which stage's checkpoint to load")
+    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"],
+                   help="which stage's checkpoint to load")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. d20 (default: the latest written)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--device", default=None, help="cuda|cpu|mps (default: autodetect)")
