@@ -113,8 +113,11 @@ def policy_loss(model, x, y, advantages):
     return (model(x, y, loss_reduction="none") * advantages[:, None]).sum()  # the model gives -log p, 0 at -1
 
 
-def answer_budget(args, prompt, max_len):
-    return max(1, min(args.max_new_tokens, max_len - len(prompt)))
+def sample_and_score(run, args, engine, grader, conversation, num_samples, max_len, seed):
+    """(prompt, answers, rewards): num_samples answers to the conversation's question, rewarded 1 when right."""
+    prompt = run.tokenizer.render_for_completion(conversation)
+    answers = rollout(engine, prompt, num_samples, max(1, min(args.max_new_tokens, max_len - len(prompt))), seed)
+    return prompt, answers, [int(grader.evaluate(conversation, run.tokenizer.decode(t))) for t, _ in answers]
 
 
 def rl_step(run, args, engine, problems, grader, max_len):
@@ -123,10 +126,8 @@ def rl_step(run, args, engine, problems, grader, max_len):
         rows, right = [], 0
         run.orig_model.eval()
         for draw, conversation in problems.take(args.examples_per_step // run.world_size):
-            prompt = run.tokenizer.render_for_completion(conversation)
-            answers = rollout(engine, prompt, args.num_samples, answer_budget(args, prompt, max_len),
-                              seed=args.seed * 2**32 + draw)
-            rewards = [int(grader.evaluate(conversation, run.tokenizer.decode(tokens))) for tokens, _ in answers]
+            prompt, answers, rewards = sample_and_score(run, args, engine, grader, conversation, args.num_samples,
+                                                        max_len, seed=args.seed * 2**32 + draw)
             right += sum(rewards)
             rows += [(prompt, *answer, a) for answer, a in zip(answers, group_advantages(rewards))]
         run.orig_model.train()
@@ -152,10 +153,7 @@ def pass_at_k(run, args, engine, val_set, grader, max_len):
     indices = range(run.rank, min(args.eval_problems, len(val_set)), run.world_size)
     right = solved = 0
     for i in indices:
-        conversation = val_set[i]
-        prompt = run.tokenizer.render_for_completion(conversation)
-        answers = rollout(engine, prompt, args.eval_samples, answer_budget(args, prompt, max_len), seed=i)
-        correct = sum(bool(grader.evaluate(conversation, run.tokenizer.decode(t))) for t, _ in answers)
+        correct = sum(sample_and_score(run, args, engine, grader, val_set[i], args.eval_samples, max_len, seed=i)[2])
         right, solved = right + correct, solved + (correct > 0)
     right, solved, n = sum_over_ranks([right, solved, len(indices)], run.device)
     return right / (n * args.eval_samples), solved / n
