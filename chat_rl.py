@@ -22,10 +22,11 @@ reference model or KL penalty. A group whose answers all score the same teaches 
 
 The learning rate is --init-lr-frac (5%) of the flags' rates, decaying linearly to 0. Every
 --eval-every steps the first --eval-problems held-out problems get --eval-samples answers each
-(temperature 1): pass@1 (the mean share of right answers) and pass@k (problems with any right
-answer), next to the bits per byte of their reference solutions. Every answer is sampled with a
-generator seeded by --seed and its problem's place in the run, so the data position is also the
-sampling RNG's: --resume continues exactly. Checkpoints go to $SPEEDCHAT_BASE_DIR/checkpoints/rl/<tag>/.
+(temperature 1, the same seeds at every evaluation: only the model changes): pass@1 (the mean share
+of right answers) and pass@k (problems with any right answer), next to the bits per byte of their
+reference solutions. A training answer is sampled with a generator seeded by --seed and its
+problem's place in the run, so the data position is also the sampling RNG's: --resume continues
+exactly. Checkpoints go to $SPEEDCHAT_BASE_DIR/checkpoints/rl/<tag>/.
 """
 
 import argparse
@@ -90,6 +91,11 @@ def rollout(engine, prompt, num_samples, max_tokens, seed):
     return answers
 
 
+def sample_seed(seed, draw):
+    """The sampling seed of a run's draw-th problem: 32 bits, all that torch's CPU generator uses."""
+    return (seed * 0x9E3779B1 + draw) % 2**32  # runs of nearby seeds share no streams (2.6e9 draws apart)
+
+
 def group_advantages(rewards):
     """Each answer's reward minus the mean reward of its group."""
     mean = sum(rewards) / len(rewards)
@@ -127,7 +133,7 @@ def rl_step(run, args, engine, problems, grader, max_len):
         run.orig_model.eval()
         for draw, conversation in problems.take(args.examples_per_step // run.world_size):
             prompt, answers, rewards = sample_and_score(run, args, engine, grader, conversation, args.num_samples,
-                                                        max_len, seed=args.seed * 2**32 + draw)
+                                                        max_len, seed=sample_seed(args.seed, draw))
             right += sum(rewards)
             rows += [(prompt, *answer, a) for answer, a in zip(answers, group_advantages(rewards))]
         run.orig_model.train()

@@ -30,6 +30,9 @@ def tiny_model(vocab_size=300):
 def test_advantages_and_loss_on_a_hand_made_group():
     assert chat_rl.group_advantages([1, 0, 0, 1]) == [0.5, -0.5, -0.5, 0.5]
     assert chat_rl.group_advantages([1, 1, 1]) == [0, 0, 0]  # all alike: nothing to learn
+    streams = {tuple(torch.rand(2, generator=torch.Generator().manual_seed(chat_rl.sample_seed(seed, draw))).tolist())
+               for seed in (1, 2) for draw in (0, 1)}
+    assert len(streams) == 4  # another --seed or another problem: other samples
     prompt = [1, 2, 3]
     group = [([10, 11, 12, 13, 14], [1, 0, 0, 1, 1], 0.75),  # 11 and 12 forced by the calculator
              ([20, 21], [1, 1], -0.25), ([30, 31, 32], [1, 1, 1], -0.25), ([40], [1], -0.25)]
