@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from common import (POSITIVE, POSITIVE_OR_ALL, STEP, UserError, compute_cleanup, compute_init, format_seconds,
-                    get_dtype, parse_args, print0, run_main)
+                    get_dtype, parse_args, print0, run_main, sum_over_ranks)
 from tasks.mixtures import add_data_flags, arc_path, data_paths, resolve_preset
 from report import CHATCORE_TASKS
 
@@ -171,12 +171,8 @@ def evaluate_task(task, model, tokenizer, engine, *, rank=0, world_size=1, max_p
         context_len = getattr(getattr(model, "config", None), "sequence_len", None)
         correct = run_generative(engine, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k,
                                  context_len=context_len, on_progress=progress)
-    counts = [correct, len(indices)]
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor(counts, dtype=torch.long, device=next(model.parameters()).device)
-        dist.all_reduce(t)
-        counts = t.tolist()
-    return counts[0], counts[1]
+    correct, total = sum_over_ranks([correct, len(indices)], next(model.parameters()).device)
+    return correct, total
 
 
 # ---------------------------------------------------------------------------
