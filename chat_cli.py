@@ -9,35 +9,26 @@ they are generated; the conversation so far is the context of every reply.
 """
 
 import sys
-import math
 import argparse
 
-from common import UserError, resolve_device, run_main
+from common import POSITIVE, RATE, UserError, checked, resolve_device, run_main
 from engine import StreamDecoder, add_decode_flags, assistant_parts, chat_prompt, load_engine, shown
-
-
-def number(kind, lo, hi=math.inf, lo_open=False):
-    """argparse type: a `kind` in [lo, hi] ((lo, hi] with lo_open); NaN is in no range."""
-    def parse(text):
-        value = kind(text)
-        if not (lo < value if lo_open else lo <= value) or not value <= hi:
-            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if lo_open else '['}{lo}, {hi}]")
-        return value
-    return parse
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with a speedchat model in the terminal.")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
-    p.add_argument("--source", default="sft", choices=["base", "mid", "sft"], help="which stage's checkpoint to load")
+    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"],
+                   help="which stage's checkpoint to load")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. d20 (default: the latest written)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--device", default=None, help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--temperature", type=number(float, 0), default=0.6, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=number(int, 0), default=50, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), default=1.0,
+    p.add_argument("--temperature", type=RATE, default=0.6, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=checked(int, lambda v: v >= 0, ">= 0"), default=50,
+                   help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=1.0,
                    help="nucleus sampling: smallest set with this much mass, in (0, 1]")
-    p.add_argument("--max-tokens", type=number(int, 1), default=512, help="at most this many tokens per reply")
+    p.add_argument("--max-tokens", type=POSITIVE, default=512, help="at most this many tokens per reply")
     p.add_argument("--seed", type=int, default=42, help="random seed (each reply uses seed + turn number)")
     add_decode_flags(p)
     return p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Chat evaluation of the mid-trained or fine-tuned model.
+"""Chat evaluation of the mid-trained, fine-tuned (sft) or RL-trained model.
 
     python -m chat_eval --source sft                                   # every task
     python -m chat_eval --source mid --task-name GSM8K,MMLU --max-problems 100
@@ -33,8 +33,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from common import (UserError, compute_cleanup, compute_init, format_seconds, get_dtype, print0,
-                    run_main)
+from common import (POSITIVE, POSITIVE_OR_ALL, STEP, UserError, compute_cleanup, compute_init, format_seconds,
+                    get_dtype, parse_args, print0, run_main, sum_over_ranks)
 from tasks.mixtures import add_data_flags, arc_path, data_paths, resolve_preset
 from report import CHATCORE_TASKS
 
@@ -65,10 +65,9 @@ def build_task(name, paths):
     if name == "SpellingBee":
         from tasks.spelling import SpellingBee
         return SpellingBee(size=GENERATED_SIZE, split="test", words_path=paths.get("words_path"))
-    if name == "Arithmetic":
-        from tasks.arithmetic import Arithmetic
-        return Arithmetic(size=GENERATED_SIZE, split="test")
-    raise UserError(f"unknown task {name!r}: use some of {', '.join(TASK_NAMES)}")
+    assert name == "Arithmetic", name  # task_names() checked the names
+    from tasks.arithmetic import Arithmetic
+    return Arithmetic(size=GENERATED_SIZE, split="test")
 
 
 def load_task(name, paths, preset):
@@ -102,8 +101,7 @@ def task_names(text, preset):
 
 def letter_token(tokenizer, letter):
     ids = tokenizer.encode(letter)
-    if len(ids) != 1:
-        raise UserError(f"the tokenizer splits the answer letter {letter!r} into {len(ids)} tokens")
+    assert len(ids) == 1, f"a byte-level BPE has every ASCII letter as one token, got {ids} for {letter!r}"
     return ids[0]
 
 
@@ -166,20 +164,15 @@ def evaluate_task(task, model, tokenizer, engine, *, rank=0, world_size=1, max_p
             print0(f"  {label}: {done}/{len(indices)} | {correct} correct ({100 * correct / max(done, 1):.1f}%) | "
                    f"{format_seconds(time.time() - t0)}" + (" (rank 0)" if world_size > 1 else ""))
 
+    assert task.eval_type in ("categorical", "generative"), f"{label} is not an eval task"
     if task.eval_type == "categorical":
         correct = run_categorical(model, tokenizer, task, indices, batch_size, autocast, progress)
-    elif task.eval_type == "generative":
+    else:
         context_len = getattr(getattr(model, "config", None), "sequence_len", None)
         correct = run_generative(engine, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k,
                                  context_len=context_len, on_progress=progress)
-    else:
-        raise UserError(f"{label} is not an eval task (eval_type {task.eval_type!r})")
-    counts = [correct, len(indices)]
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor(counts, dtype=torch.long, device=next(model.parameters()).device)
-        dist.all_reduce(t)
-        counts = t.tolist()
-    return counts[0], counts[1]
+    correct, total = sum_over_ranks([correct, len(indices)], next(model.parameters()).device)
+    return correct, total
 
 
 # ---------------------------------------------------------------------------
@@ -209,30 +202,26 @@ def summarize(counts: dict):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a chat model (mid or sft) on categorical and generative tasks.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Evaluate a chat model (mid, sft or rl) on categorical and "
+                                            "generative tasks.")
     g = p.add_argument_group("model")
-    g.add_argument("--source", default="sft", choices=("mid", "sft"), help="which stage's checkpoint to evaluate")
+    g.add_argument("--source", default="sft", choices=("mid", "sft", "rl"), help="which stage's checkpoint to evaluate")
     g.add_argument("--model-tag", default="", help="checkpoint tag ('' = the latest)")
-    g.add_argument("--step", type=int, default=-1, help="checkpoint step (-1 = latest)")
+    g.add_argument("--step", type=STEP, default=-1, help="checkpoint step (-1 = latest)")
     g.add_argument("--device", default="", help="cuda | cpu | mps ('' = autodetect)")
     g = p.add_argument_group("tasks")
     g.add_argument("--task-name", default="",
                    help=f"comma list of {', '.join(TASK_NAMES)} ('' = {', '.join(CHATCORE_TASKS)} with --preset full, "
                         f"all of them with --preset offline)")
-    g.add_argument("--max-problems", type=int, default=-1, help="at most this many problems per task (-1 = all)")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass for categorical tasks")
-    g.add_argument("--num-samples", type=int, default=1, help="samples per problem for generative tasks (pass@k)")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="longest reply for generative tasks")
+    g.add_argument("--max-problems", type=POSITIVE_OR_ALL, default=-1,
+                   help="at most this many problems per task (-1 = all)")
+    g.add_argument("--batch-size", type=POSITIVE, default=8, help="prompts per forward pass for categorical tasks")
+    g.add_argument("--num-samples", type=POSITIVE, default=1, help="samples per problem for generative tasks (pass@k)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=512, help="longest reply for generative tasks")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     g.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
     add_data_flags(p)
-    args = p.parse_args(argv)
-    for name in ("batch_size", "num_samples", "max_new_tokens"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.max_problems == 0 or args.max_problems < -1:
-        raise UserError(f"--max-problems must be at least 1 (or -1 for all), got {args.max_problems}")
+    args = parse_args(p, argv)
     if args.num_samples > 1 and args.temperature == 0:
         print0("warning: --num-samples > 1 at --temperature 0 gives k identical greedy samples (pass@1)")
     return args
@@ -290,7 +279,8 @@ def evaluate(args, rank, world_size, device):
     if rank == 0:
         import report
 
-        title = {"mid": "Chat evaluation: mid-trained model", "sft": "Chat evaluation: SFT model"}[args.source]
+        title = {"mid": "Chat evaluation: mid-trained model", "sft": "Chat evaluation: SFT model",
+                 "rl": "Chat evaluation: RL model"}[args.source]
         report.write_section(f"chat-eval-{args.source}", title, {
             "model": f"{args.source} {meta['tag']} step {meta['step']}", "preset": preset, "tag": meta["tag"],
             "step": meta["step"], "num_samples": args.num_samples, "temperature": args.temperature,

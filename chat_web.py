@@ -334,7 +334,8 @@ def number(kind, lo, hi=math.inf):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Serve a speedchat model: a chat page and an OpenAI-compatible API.")
-    p.add_argument("--source", default="sft", choices=["base", "mid", "sft"], help="which stage's checkpoint to serve")
+    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"],
+                   help="which stage's checkpoint to serve")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. d20 (default: the latest written)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--device", default=None, help="cuda|cpu|mps (default: autodetect)")

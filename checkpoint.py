@@ -34,9 +34,9 @@ from safetensors.torch import load_file, save_file
 
 from common import UserError, atomic_path, atomic_write, get_base_dir, get_rank, print0, run_main
 
-STAGES = ("base", "mid", "sft")
+STAGES = ("base", "mid", "sft", "rl")
 # which script produces each stage (for "run X first" messages)
-STAGE_SCRIPTS = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft"}
+STAGE_SCRIPTS = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
 META_RE = re.compile(r"^meta_(\d+)\.json$")
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 

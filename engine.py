@@ -334,7 +334,8 @@ class Engine:
 # ---------------------------------------------------------------------------
 # Loading a model to chat with (chat_cli, chat_web)
 
-SOURCE_FALLBACK_HINT = {"sft": " (or --source mid/base)", "mid": " (or --source base)", "base": ""}
+SOURCE_FALLBACK_HINT = {"rl": " (or --source sft)", "sft": " (or --source mid/base)", "mid": " (or --source base)",
+                        "base": ""}
 
 
 def add_decode_flags(p):

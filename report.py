@@ -24,9 +24,10 @@ from common import UserError, atomic_path, atomic_write, checked, format_seconds
 # Sections in the order they appear in report.md.
 SECTION_ORDER = [
     "header", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval",
-    "mid-train", "chat-eval-mid", "chat-sft", "chat-eval-sft",
+    "mid-train", "chat-eval-mid", "chat-sft", "chat-eval-sft", "chat-rl", "chat-eval-rl",
 ]
-TRAINING_SECTIONS = {"base-train": "base", "mid-train": "mid", "chat-sft": "sft"}
+TRAINING_SECTIONS = {"base-train": "base", "mid-train": "mid", "chat-sft": "sft", "chat-rl": "rl"}
+CHAT_STAGES = ("mid", "sft", "rl")  # the summary's chat columns, each from its chat-eval-<stage> section
 # the chat tasks of the nanochat-comparable ChatCORE (chat_eval.py), in the summary table's order
 CHATCORE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 DEFAULT_GPU_HOUR_USD = 3.00  # a typical on-demand H100 rate per GPU-hour (flag --gpu-hour-usd)
@@ -178,7 +179,8 @@ def _fmt(metric: dict | None, key="acc") -> str:
 
 # each column's evaluation section, and the training sections whose models it depends on
 EVALUATED = {"BASE": ("base-eval", ["base-train"]), "MID": ("chat-eval-mid", ["base-train", "mid-train"]),
-             "SFT": ("chat-eval-sft", ["base-train", "mid-train", "chat-sft"])}
+             "SFT": ("chat-eval-sft", ["base-train", "mid-train", "chat-sft"]),
+             "RL": ("chat-eval-rl", ["base-train", "mid-train", "chat-sft", "chat-rl"])}
 
 
 def written(name: str) -> float | None:
@@ -210,8 +212,11 @@ def summary_table() -> str:
     CORE over fewer than all tasks or items, a ChatCORE over another task set than the six
     nanochat-comparable ones, a chat evaluation on a subset of problems or with pass@k."""
     base = read_data("base-eval")
-    stages = {"base": {}, "mid": read_data("chat-eval-mid"), "sft": read_data("chat-eval-sft")}
-    rows = ["| metric | BASE | MID | SFT |", "|---|---|---|---|"]
+    stages = {"base": {}} | {s: read_data(f"chat-eval-{s}") for s in CHAT_STAGES}
+    if not stages["rl"]:  # a run without the RL stage (SPEEDCHAT_SKIP_RL=1) has no RL column
+        del stages["rl"]
+    rows = ["| metric | " + " | ".join(s.upper() for s in stages) + " |", "|---" * len(stages) + "|---|"]
+    dashes = " - |" * (len(stages) - 1)
     notes = []
     core = "-"
     if base.get("core") is not None:
@@ -222,17 +227,16 @@ def summary_table() -> str:
             what = [f"mean over {n_done} of {n_done + len(missing)} tasks (missing {', '.join(missing)})"] if missing else []
             what += [f"at most {cap} items per task"] if cap is not None else []
             notes.append("CORE is not the full benchmark: " + "; ".join(what) + ".")
-    rows.append(f"| CORE | {core} | - | - |")
+    rows.append(f"| CORE | {core} |{dashes}")
     val_bpb = base.get("bpb", {}).get("val")
     if val_bpb is not None:
-        rows.append(f"| val bpb | {val_bpb:.4f} | - | - |")
+        rows.append(f"| val bpb | {val_bpb:.4f} |{dashes}")
     extra = sorted({m for d in stages.values() for m in d.get("results", {})} - set(CHATCORE_TASKS))
     for metric in CHATCORE_TASKS + extra:
-        cells = [_fmt(stages[s].get("results", {}).get(metric)) for s in ("base", "mid", "sft")]
+        cells = [_fmt(stages[s].get("results", {}).get(metric)) for s in stages]
         rows.append(f"| {metric} | " + " | ".join(cells) + " |")
     cells = []
-    for s in ("base", "mid", "sft"):
-        d = stages[s]
+    for s, d in stages.items():
         if "chatcore" not in d:
             cells.append("-")
             continue
@@ -245,8 +249,7 @@ def summary_table() -> str:
         cells.append(cell)
     rows.append("| ChatCORE | " + " | ".join(cells) + " |")
     notes += stale_notes()
-    for s in ("mid", "sft"):
-        d = stages[s]
+    for s, d in list(stages.items())[1:]:
         if d.get("max_problems") is not None:
             notes.append(f"{s.upper()} chat tasks: at most {d['max_problems']} problems each.")
         if d.get("num_samples", 1) > 1:

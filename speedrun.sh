@@ -5,6 +5,7 @@
 #   SPEEDCHAT_DEPTH=20 bash speedrun.sh      # the cheap tier: d20, about a third of the pretraining time
 #   bash speedrun.sh                 # no CUDA GPU: the tiny offline CPU preset, a few minutes
 #   SPEEDCHAT_PRESET=cpu bash speedrun.sh    # force the CPU preset
+#   SPEEDCHAT_SKIP_RL=1 bash speedrun.sh     # stop after SFT (no reinforcement learning stage)
 #
 # Re-running after an interruption resumes: finished stages are skipped (a marker per stage
 # under $SPEEDCHAT_BASE_DIR/speedrun/) and an interrupted training resumes from its last
@@ -120,6 +121,8 @@ if [ "$PRESET" = gpu ]; then
     stage chat-eval-mid $RUN -m chat_eval -- --source mid
     stage chat-sft $RUN -m chat_sft -- --preset full --examples-per-step $SFT_EXAMPLES $(resume_flag sft)
     stage chat-eval-sft $RUN -m chat_eval -- --source sft
+    # RL: one pass over GSM8K train, 16 problems (rounded up to the GPUs) x 16 answers per step: ~470 steps
+    RL_FLAGS="--preset full --examples-per-step $(round_up 16 $NGPU)" RL_EVAL="--task-name GSM8K"
 else
     # The offline CPU preset: the stdlib-docs corpus, a tiny model, self-generated chat tasks.
     TINY="--depth 2 --aspect-ratio 64 --head-dim 32 --max-seq-len 128 --device-batch-size 8 --total-batch-size 1024"
@@ -133,6 +136,13 @@ else
     stage chat-eval-mid $RUN -m chat_eval -- --source mid --max-problems 50
     stage chat-sft $RUN -m chat_sft -- --preset offline --device-batch-size 8 --num-iterations 100 $(resume_flag sft)
     stage chat-eval-sft $RUN -m chat_eval -- --source sft --max-problems 50
+    # RL on arithmetic, briefly; the tiny model needs a larger fraction of the lr (0.5 collapses it)
+    RL_FLAGS="--preset offline --num-iterations 20 --examples-per-step 8 --num-samples 8 --max-new-tokens 64
+              --eval-problems 32 --device-batch-size 32 --init-lr-frac 0.2" RL_EVAL="--max-problems 50"
+fi
+if [ "${SPEEDCHAT_SKIP_RL:-0}" != 1 ]; then
+    stage chat-rl $RUN -m chat_rl -- $RL_FLAGS $(resume_flag rl)
+    stage chat-eval-rl $RUN -m chat_eval -- --source rl $RL_EVAL
 fi
 
 $PY -m report generate --out-dir "$CALLER_DIR"

@@ -1,5 +1,5 @@
-"""The one training loop. Each training stage (base_train, mid_train, chat_sft) is a short script
-that says what differs (its data, defaults, loss and evaluation) and hands the rest to a Run:
+"""The one training loop. Each training stage (base_train, mid_train, chat_sft, chat_rl) is a short
+script that says what differs (its data, defaults, loss and evaluation) and hands the rest to a Run:
 
     with Run(args, "mid", tag) as run:      # device, dtype, tokenizer; --resume: the checkpoint to continue
         run.prepare(model, batches)         # optimizers, compile; a resume restores model, optimizers,
@@ -74,10 +74,10 @@ def add_flags(p, *, device_batch_size, eval_every, save_every, warmdown_ratio):
     g.add_argument("--resume-step", type=STEP, default=-1, help="with --resume: the step to continue from (-1 = latest)")
 
 
-def add_chat_flags(p, *, source, init_lr_frac):
-    """The flags of the stages that start from an earlier stage's checkpoint (mid_train, chat_sft)."""
+def add_chat_flags(p, *, source, init_lr_frac, sources=("base", "mid")):
+    """The flags of the stages that start from an earlier stage's checkpoint (mid_train, chat_sft, chat_rl)."""
     g = p.add_argument_group("start and horizon")
-    g.add_argument("--source", default=source, choices=("base", "mid"), help="which stage's checkpoint to start from")
+    g.add_argument("--source", default=source, choices=sources, help="which stage's checkpoint to start from")
     g.add_argument("--step", type=STEP, default=-1, help="step of the --source checkpoint (-1 = latest)")
     g.add_argument("--max-seq-len", type=POSITIVE, default=None, help="tokens per row (default: the model's context)")
     g.add_argument("--num-epochs", type=POSITIVE_RATE, default=1.0, help="passes over the data (or --num-iterations)")

@@ -11,7 +11,7 @@
 #
 #   tests     the tests marked gpu (CUDA graphs, fp8 and CUDA-only dataloader checks)
 #   pipeline  tokenizer -> base_train (d12, 150 steps) -> base_eval (CORE on the local bundle, bpb)
-#             -> mid_train -> chat_eval -> chat_sft -> chat_eval -> chat_cli -> report.md
+#             -> mid_train -> chat_eval -> chat_sft -> chat_eval -> chat_rl -> chat_eval -> chat_cli -> report.md
 #   train     bench.train_bench at depth 20 (compiled and eager) and depth 26 (compiled)
 #   fp8       bench.train_bench --fp8 at depth 20, and base_train d12 for 150 steps with and
 #             without --fp8 on the same data: the validation bpb of both
@@ -52,6 +52,7 @@ if [ "${SCALE:-}" = tiny ]; then
           --eval-every 15 --eval-tokens 8192 --sample-every -1 --save-every 15"
     CHAT="--max-seq-len 256 --device-batch-size 8 --num-iterations 10" MID=""
     EVAL="--max-problems 8 --max-new-tokens 32" CORE="--max-per-task 8 --split-tokens 8192"
+    RL="--num-iterations 4 --examples-per-step 2 --num-samples 4 --max-new-tokens 32 --eval-problems 8 --eval-samples 2"
     INFER="--depth 2 --head-dim 32 --vocab-size 4096 --prompt-len 64 --gen-len 16 --batch-sizes 1,4 --repeats 1"
     DEPTHS="2 3"
 else
@@ -61,6 +62,7 @@ else
           --eval-tokens 262144 --sample-every 150 --save-every 75"
     CHAT="--device-batch-size 16 --num-iterations 60" MID="--total-batch-size 131072"
     EVAL="--max-problems 50 --max-new-tokens 128" CORE="--max-per-task 100 --split-tokens 262144"
+    RL="--num-iterations 20 --examples-per-step 16 --num-samples 8 --max-new-tokens 128 --eval-problems 64 --eval-every 10"
     INFER="--device cuda --batch-sizes 1,32"
     DEPTHS="20 26"
 fi
@@ -97,6 +99,8 @@ pipeline() {
     $RUN -m chat_eval -- --source mid --preset full --task-name $TASKS $EVAL $CHAT_DATA
     $RUN -m chat_sft -- --preset offline $CHAT $CHAT_DATA  # full needs ARC, which has no local copy
     $RUN -m chat_eval -- --source sft --preset full --task-name $TASKS $EVAL $CHAT_DATA
+    $RUN -m chat_rl -- --preset full $RL $CHAT_DATA  # held out: the first --eval-problems of the local GSM8K
+    $RUN -m chat_eval -- --source rl --preset full --task-name GSM8K $EVAL $CHAT_DATA
     $PY -m chat_cli --prompt "What is 12 * 7? Use the calculator." --max-tokens 64
     $PY -m report generate --out-dir "$OUT"
     set +x
