@@ -7,7 +7,11 @@ Endpoints:
     GET  /                      the chat page (inline HTML + JS below, no build step)
     POST /v1/chat/completions   OpenAI chat completions: messages, max_tokens, temperature, top_p,
                                 stream (server-sent events "data: {chunk}" ... "data: [DONE]"),
-                                seed; top_k as an extension; model is accepted and ignored
+                                seed; top_k as an extension; model is accepted and ignored. A
+                                conversation longer than the context keeps its newest whole turns:
+                                dropped_messages (an extension) counts the oldest left out. A
+                                calculator call reads [calculator: 12*7 -> 84] in content, and
+                                reads back as the tool's tokens when sent as history.
     GET  /v1/models             the one model served
     GET  /health                liveness and how many workers are free
 

@@ -52,7 +52,7 @@ def write_section(name: str, title: str, data: dict, text: str = ""):
     tag = data.get("tag")
     earlier = _load(report_dir() / str(tag) / f"{name}.json") if tag else {}
     trained = _load(report_dir() / str(tag) / f"{EVALUATES.get(name)}.json").get("model_time", 0)
-    if name in EVALUATES and earlier.get("model") == data.get("model") and earlier["written"] > trained:
+    if name in EVALUATES and earlier.get("model") == data.get("model") and earlier.get("written", 0) > trained:
         data, text = merged_eval(earlier, data)
     if name in TRAINING_SECTIONS:  # a resumed stage that trained no further is the same model
         same = (earlier.get("steps"), earlier.get("curve")) == (data.get("steps"), data.get("curve"))
@@ -212,22 +212,26 @@ def score_notes(sections: dict) -> list[str]:
         missing, cap, n_done = base.get("missing_tasks", []), base.get("max_per_task"), len(base.get("core_tasks", []))
         what = [f"mean over {n_done} of {n_done + len(missing)} tasks (missing {', '.join(missing)})"] if missing else []
         notes.append("CORE is not the full benchmark: " + "; ".join(what + ([f"at most {cap} items per task"] if cap else [])) + ".")
-    notes.append("Chat tasks (BASE): a base model is not chat-evaluated; its samples are below.")
+    notes.append("BASE is measured by CORE and bits per byte, MID and SFT by chat tasks (a base model does not "
+                 "follow the chat format: its greedy samples are below).")
+    columns = {}  # a note about the chat columns -> the columns it is about
     for column in ("MID", "SFT"):
-        d = sections[EVALUATED[column][0]]
-        if not d:
-            notes.append(f"{column}: not evaluated (chat_eval --source {column.lower()} was not run).")
-            continue
+        d, found = sections[EVALUATED[column][0]], []
         if set(d.get("chatcore_tasks", [])) != set(CHATCORE_TASKS):
-            notes.append(f"ChatCORE {column} averages {', '.join(d.get('chatcore_tasks', []))}, not the six tasks of the "
-                         f"comparable ChatCORE ({', '.join(CHATCORE_TASKS)}).")
-        notes += [f"{task} ({column}): skipped: {why}" for task, why in d.get("skipped", {}).items()]
-        if d.get("max_problems") is not None:
-            notes.append(f"{column} chat tasks: at most {d['max_problems']} problems each.")
-        if d.get("num_samples", 1) > 1:
-            notes.append(f"{column} generative tasks: pass@{d['num_samples']}.")
+            found.append(f"ChatCORE averages {', '.join(d.get('chatcore_tasks', [])) or 'nothing'}, not the six tasks of "
+                         f"the comparable ChatCORE ({', '.join(CHATCORE_TASKS)})")
+        skipped = {}  # the tasks that could not be evaluated, by reason (a hint after the reason left out)
+        for task, why in d.get("skipped", {}).items():
+            skipped.setdefault(why.split(": ")[0], []).append(task)
+        found += [f"{', '.join(tasks)} skipped: {why}" for why, tasks in skipped.items()]
+        found += [f"at most {d['max_problems']} problems per task"] if d.get("max_problems") is not None else []
+        found += [f"generative tasks pass@{d['num_samples']}"] if d.get("num_samples", 1) > 1 else []
+        for note in found if d else ["not evaluated (chat_eval was not run)"]:
+            columns.setdefault(note, []).append(column)
+    notes += [f"{', '.join(cols)}: {note}." for note, cols in columns.items()]
     for column, (evaluation, trainings) in EVALUATED.items():
-        newer = [t for t in trainings if sections[evaluation] and sections[t].get("model_time", 0) > sections[evaluation]["written"]]
+        evaluated = sections[evaluation].get("written", math.inf)
+        newer = [t for t in trainings if sections[t].get("model_time", 0) > evaluated]
         if newer:
             notes.append(f"The {column} figures were measured before the last run of {', '.join(newer)}: "
                          f"they describe an earlier model.")

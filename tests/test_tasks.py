@@ -48,10 +48,6 @@ def base_dir(tmp_path, monkeypatch):
     return tmp_path / "base"
 
 
-# ---------------------------------------------------------------------------
-# Every task's conversations are what the tokenizer renders (how it renders them: test_tokenizer.py)
-
-
 @pytest.fixture(scope="module")
 def tok():
     texts = [json.dumps(c) for c in Identity()] + load_words() + ["0123456789 + - * / = ( ) ' \" # $ , ."] * 20
