@@ -189,8 +189,8 @@ def parse_request(req, tokenizer, sequence_len, limits):
     budget = min(limits.max_prompt_tokens or sequence_len, sequence_len - min(max_tokens, sequence_len // 2))
     ids, dropped = (None, 0) if problem else fit_prompt(tokenizer, messages, budget)
     if ids is None:  # a malformed conversation, or a last message too long by itself
-        code = None if problem else "context_length_exceeded"
-        raise APIError(problem or f"the last message alone passes the {budget}-token prompt limit: shorten it", "messages", code=code)
+        raise APIError(problem or f"the last message alone passes the {budget}-token prompt limit: shorten it",
+                       "messages", code=None if problem else "context_length_exceeded")
     seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
     return ids, dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or None, seed=seed,
                      max_tokens=min(max_tokens, sequence_len - len(ids))), dropped

@@ -87,7 +87,8 @@ def merged_eval(earlier: dict, new: dict):
     skipped = {n: why for n, why in {**earlier.get("skipped", {}), **new.get("skipped", {})}.items() if n not in results}
     data = dict(new, results=results, chatcore=chatcore, chatcore_se=chatcore_se, chatcore_tasks=list(results),
                 skipped=skipped, max_problems=new.get("max_problems") or earlier.get("max_problems"))
-    return data, "\n".join(f"- {n}: {r['acc']:.4f} ± {r['se']:.4f} ({r['correct']}/{r['total']})" for n, r in results.items())
+    lines = [f"- {n}: {r['acc']:.4f} ± {r['se']:.4f} ({r['correct']}/{r['total']})" for n, r in results.items()]
+    return data, "\n".join(lines)
 
 
 def shown(key: str, value) -> str:
@@ -160,7 +161,8 @@ def code_metrics() -> dict:
     chars = lines = files = 0
     for name in _run(["git", "-C", str(repo), "ls-files"]).splitlines():
         path = repo / name
-        if path.suffix in {".py", ".rs", ".sh", ".toml", ".html", ".md"} and path.is_file() and not name.startswith("tests/"):
+        if path.suffix in (".py", ".rs", ".sh", ".toml", ".html", ".md") and not name.startswith("tests/") \
+                and path.is_file():
             text = path.read_text(errors="replace")
             chars, lines, files = chars + len(text), lines + text.count("\n"), files + 1
     return {"code_characters": chars, "code_lines": lines, "code_files": files, "code_tokens_approx": chars // 4}
@@ -206,12 +208,13 @@ def score_notes(sections: dict) -> list[str]:
     empty), and for every column measured before a model it depends on was trained again."""
     base, notes = sections["base-eval"], []
     if base.get("core") is None:
-        why = "base-eval was not run" if not base else "base-eval ran without --eval core (the CPU presets have no CORE bundle)"
+        why = "base-eval ran without --eval core (the CPU presets have no CORE bundle)" if base else "base-eval was not run"
         notes.append(f"CORE (BASE): not measured: {why}.")
     elif base.get("missing_tasks") or base.get("max_per_task") is not None:
         missing, cap, n_done = base.get("missing_tasks", []), base.get("max_per_task"), len(base.get("core_tasks", []))
         what = [f"mean over {n_done} of {n_done + len(missing)} tasks (missing {', '.join(missing)})"] if missing else []
-        notes.append("CORE is not the full benchmark: " + "; ".join(what + ([f"at most {cap} items per task"] if cap else [])) + ".")
+        what += [f"at most {cap} items per task"] if cap else []
+        notes.append("CORE is not the full benchmark: " + "; ".join(what) + ".")
     notes.append("BASE is measured by CORE and bits per byte, MID and SFT by chat tasks (a base model does not "
                  "follow the chat format: its greedy samples are below).")
     columns = {}  # a note about the chat columns -> the columns it is about
@@ -250,7 +253,8 @@ def summary_table(tag: str | None = None) -> str:
     for metric in CHATCORE_TASKS + extra:
         cells = [chats[c].get("results", {}).get(metric, {}) for c in chats]
         rows.append(f"| {metric} | " + " | ".join(_fmt(r.get("acc"), r.get("se")) for r in cells) + " |")
-    rows.append("| ChatCORE | " + " | ".join(_fmt(d.get("chatcore"), d.get("chatcore_se")) for d in chats.values()) + " |")
+    rows.append("| ChatCORE | " + " | ".join(_fmt(d.get("chatcore"), d.get("chatcore_se")) for d in chats.values())
+                + " |")
     return "\n".join(rows + [""] + [f"- {n}" for n in score_notes(sections)])
 
 
@@ -264,7 +268,8 @@ def summary(sections: dict, gpu_hour_usd: float | None) -> list[str]:
                   f"context {train.get('sequence_length')}, vocabulary {train.get('vocab_size', 0):,}",
                   f"- pretraining: {train.get('training_tokens', 0):,} tokens of {train.get('source')} "
                   f"({train.get('tokens_per_parameter', 0):.1f} per parameter) on {train.get('device')}"]
-    lines.append(f"- hardware: {header.get('gpus', '-')}, {header.get('cpu_cores', '-')} CPU cores, torch {header.get('torch', '-')}")
+    lines.append(f"- hardware: {header.get('gpus', '-')}, {header.get('cpu_cores', '-')} CPU cores, "
+                 f"torch {header.get('torch', '-')}")
     # each stage's wall clock runs from the end of the stage before it (from `report reset` for the first)
     done = sorted((d["written"], name) for name, d in sections.items() if d and name != "header")
     if "start_time" in header and done:
