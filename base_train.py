@@ -42,7 +42,7 @@ import torch
 import checkpoint
 import dataset
 import training
-from common import (FRACTION, POSITIVE, POSITIVE_OR_ALL, POSITIVE_RATE, UserError, checked, parse_args, print0,
+from common import (POSITIVE, POSITIVE_OR_ALL, POSITIVE_RATE, UserError, checked, parse_args, print0,
                     run_main, sum_over_ranks)
 from dataloader import DataLoader
 from fp8 import convert_to_fp8, fp8_supported

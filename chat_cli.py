@@ -12,7 +12,7 @@ import sys
 import argparse
 
 from common import POSITIVE, RATE, UserError, checked, resolve_device, run_main
-from engine import StreamDecoder, add_decode_flags, assistant_parts, chat_prompt, load_engine, shown
+from engine import StreamDecoder, add_decode_flags, fit_prompt, load_engine, shown
 
 
 def parse_args(argv=None):
@@ -34,26 +34,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def reply(engine, messages, args, turn, out=None) -> str | None:
-    """Stream the assistant's answer to `messages` into `out`; return its text, or None when
-    the conversation no longer fits in the model's context."""
-    ids = chat_prompt(engine.tokenizer, messages)
-    room = engine.model.config.sequence_len - len(ids)
-    if room <= 0:
-        return None
+def reply(engine, messages, args, turn, out=None):
+    """Stream the assistant's answer to `messages` into `out`: (its text as shown, how many of the
+    oldest messages the model could not see), or (None, ...) when the last message alone is longer
+    than the model's context. Up to half the context is kept for the reply."""
+    context = engine.model.config.sequence_len
+    ids, dropped = fit_prompt(engine.tokenizer, messages, context - min(args.max_tokens, context // 2))
+    if ids is None:
+        return None, dropped
     out = out or sys.stdout
+    if dropped:
+        out.write(f"(the oldest {dropped} messages no longer fit the model's context: it answers without them)\n")
     decoder = StreamDecoder(engine.tokenizer)
-    stream = engine.generate(ids, num_samples=1, max_tokens=min(args.max_tokens, room), temperature=args.temperature,
-                             top_k=args.top_k or None, top_p=args.top_p, seed=args.seed + turn)
+    stream = engine.generate(ids, num_samples=1, max_tokens=min(args.max_tokens, context - len(ids)),
+                             temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed + turn)
     for column, _ in stream:
         if column[0] in engine.stop_tokens:
             break
-        piece = decoder.add(column[0])
-        out.write(shown(piece))  # the history keeps the tokens
+        out.write(shown(decoder.add(column[0])))
         out.flush()
-    out.write(decoder.flush() + "\n")
+    out.write(shown(decoder.flush()) + "\n")
     out.flush()
-    return decoder.text()
+    return shown(decoder.text()), dropped
 
 
 def main(argv=None):
@@ -63,7 +65,7 @@ def main(argv=None):
     if args.decode == "compiled" or (args.decode == "auto" and device.startswith("cuda")):
         print("(the first reply waits for the decode step to compile: tens of seconds)", file=sys.stderr)
     if args.prompt is not None:
-        if reply(engine, [{"role": "user", "content": args.prompt}], args, 0) is None:
+        if reply(engine, [{"role": "user", "content": args.prompt}], args, 0)[0] is None:
             raise UserError("the prompt is longer than the model's context: shorten it")
         return
     print(f"speedchat ({args.source} {meta.get('tag', '')}, step {meta.get('step', '?')}, {device}). "
@@ -90,16 +92,16 @@ def main(argv=None):
         messages.append({"role": "user", "content": line})
         print("\nAssistant: ", end="", flush=True)
         try:
-            text = reply(engine, messages, args, turn)
+            text, dropped = reply(engine, messages, args, turn)
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
-            messages.pop()
             print("\n(reply interrupted)")
-            continue
-        if text is None:
+            text = dropped = None
+        if text is None:  # no reply: its question leaves the history too
             messages.pop()
-            print("(the conversation is too long for the model's context: /clear to start over)")
+            if dropped is not None:
+                print("(that message alone is longer than the model's context: shorten it)")
             continue
-        messages.append({"role": "assistant", "content": assistant_parts(text)})
+        messages = messages[dropped:] + [{"role": "assistant", "content": text}]
         turn += 1
 
 

@@ -7,7 +7,11 @@ Endpoints:
     GET  /                      the chat page (inline HTML + JS below, no build step)
     POST /v1/chat/completions   OpenAI chat completions: messages, max_tokens, temperature, top_p,
                                 stream (server-sent events "data: {chunk}" ... "data: [DONE]"),
-                                seed; top_k as an extension; model is accepted and ignored
+                                seed; top_k as an extension; model is accepted and ignored. A
+                                conversation longer than the context keeps its newest whole turns:
+                                dropped_messages (an extension) counts the oldest left out. A
+                                calculator call reads [calculator: 12*7 -> 84] in content, and
+                                reads back as the tool's tokens when sent as history.
     GET  /v1/models             the one model served
     GET  /health                liveness and how many workers are free
 
@@ -38,8 +42,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common import UserError, print0, resolve_device, run_main
-from engine import SHOWN_MARKERS, StreamDecoder, add_decode_flags, chat_prompt, load_engine
+from common import UserError, checked, print0, resolve_device, run_main
+from engine import StreamDecoder, add_decode_flags, fit_prompt, load_engine, shown
+from tokenizer import conversation_problem
 
 
 @dataclass
@@ -61,7 +66,7 @@ class Limits:
 
 
 class APIError(Exception):
-    def __init__(self, message, status=400, param=None, code=None):
+    def __init__(self, message, param=None, status=400, code=None):
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
 
@@ -172,24 +177,23 @@ def request_model(limits):
 
 
 def parse_request(req, tokenizer, sequence_len, limits):
-    """The prompt ids and sampling kwargs of a validated request; APIError for what only the
-    conversation as a whole can show (roles out of order, too long a prompt)."""
+    """(prompt ids, sampling kwargs, dropped) of a validated request: the newest whole turns that fit
+    the context with room for the reply (up to half of it), `dropped` the oldest messages left out;
+    APIError for what only the conversation as a whole can show (roles out of order, a last message
+    that does not fit by itself)."""
     messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                  "".join(p.text for p in m.content)} for m in req.messages]
-    if messages[-1]["role"] != "user":
-        raise APIError("the last message must be from the user", param="messages")
-    try:
-        ids = chat_prompt(tokenizer, messages)
-    except ValueError as e:  # roles out of order and the like
-        raise APIError(str(e), param="messages")
-    max_prompt = min(limits.max_prompt_tokens or sequence_len, sequence_len - 1)
-    if len(ids) > max_prompt:
-        raise APIError(f"the prompt is {len(ids)} tokens, more than this model's limit of {max_prompt}",
-                       param="messages", code="context_length_exceeded")
-    max_tokens = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
+    problem = conversation_problem(messages) or (None if messages[-1]["role"] == "user" else
+                                                 "the last message must be from the user")
+    max_tokens = min(req.max_completion_tokens or req.max_tokens or limits.default_max_tokens, sequence_len - 1)
+    budget = min(limits.max_prompt_tokens or sequence_len, sequence_len - min(max_tokens, sequence_len // 2))
+    ids, dropped = (None, 0) if problem else fit_prompt(tokenizer, messages, budget)
+    if ids is None:  # a malformed conversation, or a last message too long by itself
+        raise APIError(problem or f"the last message alone passes the {budget}-token prompt limit: shorten it",
+                       "messages", code=None if problem else "context_length_exceeded")
     seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
     return ids, dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or None, seed=seed,
-                     max_tokens=min(max_tokens, sequence_len - len(ids)))  # the reply must fit in the context too
+                     max_tokens=min(max_tokens, sequence_len - len(ids))), dropped
 
 
 class BodyCap:
@@ -271,24 +275,23 @@ def create_app(pool, model_name, sequence_len, limits=None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
-        ids, sampling = parse_request(req, tokenizer, sequence_len, limits)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
+        ids, sampling, dropped = parse_request(req, tokenizer, sequence_len, limits)
+        # dropped_messages (an extension): how many of the oldest messages the model did not see
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name,
+                "dropped_messages": dropped}
         if req.stream:
             return StreamingResponse(stream_chunks(ids, sampling, meta), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, finish, n = "", "length", 0
-        async with pool.acquire() as worker:
-            decoder = StreamDecoder(tokenizer)
-            async with contextlib.aclosing(worker.stream(ids, **sampling)) as tokens:
-                async for token in tokens:
-                    n += 1
-                    if token in stop_tokens:
-                        finish = "stop"
-                        break
-                    decoder.add(token)
-            text = decoder.text()
-        return dict(meta, object="chat.completion",
-                    choices=[{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        decoder, finish, n = StreamDecoder(tokenizer), "length", 0
+        async with pool.acquire() as worker, contextlib.aclosing(worker.stream(ids, **sampling)) as tokens:
+            async for token in tokens:
+                n += 1
+                if token in stop_tokens:
+                    finish = "stop"
+                    break
+                decoder.add(token)
+        message = {"role": "assistant", "content": shown(decoder.text())}
+        return dict(meta, object="chat.completion", choices=[{"index": 0, "message": message, "finish_reason": finish}],
                     usage={"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n})
 
     async def stream_chunks(ids, sampling, meta):
@@ -306,14 +309,14 @@ def create_app(pool, model_name, sequence_len, limits=None):
                         if token in stop_tokens:
                             finish = "stop"
                             break
-                        piece = decoder.add(token)
+                        piece = shown(decoder.add(token))  # a special token is one whole piece
                         if piece:
                             yield chunk({"content": piece})
             except Exception as e:  # the status line is already sent: report it in the stream
                 error = {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error"}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
-            piece = decoder.flush()
+            piece = shown(decoder.flush())
             if piece:
                 yield chunk({"content": piece})
         yield chunk({}, finish)
@@ -324,12 +327,7 @@ def create_app(pool, model_name, sequence_len, limits=None):
 
 def number(kind, lo, hi=math.inf):
     """argparse type: a `kind` in [lo, hi] (NaN is in no range)."""
-    def parse(text):
-        value = kind(text)
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{text} is outside [{lo}, {hi}]")
-        return value
-    return parse
+    return checked(kind, lambda v: lo <= v <= hi, f"in [{lo}, {hi}]")
 
 
 def parse_args(argv=None):
@@ -393,8 +391,7 @@ def main(argv=None):
 
 
 # The chat page (chat_web.html): plain HTML + JS talking to /v1/chat/completions with stream=true.
-PAGE = Path(__file__).with_name("chat_web.html").read_text(encoding="utf-8").replace(
-    "__SHOWN_MARKERS__", json.dumps(SHOWN_MARKERS))
+PAGE = Path(__file__).with_name("chat_web.html").read_text(encoding="utf-8")
 
 
 if __name__ == "__main__":

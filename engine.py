@@ -19,6 +19,7 @@ reference (CPU, tests); and "compiled", GPT.decode_step over one static cache, c
 torch.compile(mode="reduce-overhead") (the default on CUDA; see CompiledDecoder for why).
 """
 
+import bisect
 import copy
 import re
 from collections import deque
@@ -362,50 +363,51 @@ def load_engine(source="sft", device="cpu", tag=None, step=None, decode="auto"):
 
 
 # ---------------------------------------------------------------------------
-# Text helpers shared by chat_cli and chat_web
+# Conversations as people see them (chat_cli, chat_web)
 
-TOOL_MARKERS = {"<|python_start|>": ("<|python_end|>", "python"), "<|output_start|>": ("<|output_end|>", "python_output")}
-# how chat_cli and the chat page show a tool call to people: <|python_start|>12*7<|python_end|>
-# <|output_start|>84<|output_end|> reads as [calculator: 12*7 -> 84]
+# A calculator call reads [calculator: 12*7 -> 84]: the tokens <|python_start|>12*7<|python_end|>
+# <|output_start|>84<|output_end|> as the terminal, the page and the API's `content` show them
 SHOWN_MARKERS = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " -> ", "<|output_end|>": "]"}
 _MARKER = re.compile("|".join(map(re.escape, SHOWN_MARKERS)))
+_SHOWN_CALL = re.compile(r"\[calculator: (.*?) -> (.*?)\]")
 
 
 def shown(text: str) -> str:
-    """`text` as people see it: tool markers replaced by SHOWN_MARKERS (the chat page's JS does the same)."""
+    """Decoded text as people see it: tool markers replaced by SHOWN_MARKERS."""
     return _MARKER.sub(lambda m: SHOWN_MARKERS[m.group()], text)
 
 
 def assistant_parts(text: str):
-    """An assistant reply as shown to people (tool calls appear as their special-token markers,
-    which is what `tokenizer.decode` writes) -> the content for a conversation: a plain str when
-    there are no tool calls, else a list of text / python / python_output parts. This lets a
-    client send a reply back as history and the model see the same tokens it produced."""
-    if not any(m in text for m in TOOL_MARKERS):
+    """An assistant reply as shown (see shown) -> the content the model produced: a str when it made no
+    calculator call, else text / python / python_output parts, so that a reply sent back as history
+    gives the model the tokens it wrote. Only whole calls ([calculator: EXPR -> RESULT]) are read back;
+    user messages are never parsed: people's text never becomes control tokens."""
+    pieces = _SHOWN_CALL.split(text)  # text, expr, result, text, expr, result, ..., text
+    if len(pieces) == 1:
         return text
-    parts, i = [], 0
-    while i < len(text):
-        starts = [(text.find(m, i), m) for m in TOOL_MARKERS if text.find(m, i) >= 0]
-        if not starts:
-            parts.append({"type": "text", "text": text[i:]})
-            break
-        j, marker = min(starts)
-        if j > i:
-            parts.append({"type": "text", "text": text[i:j]})
-        end_marker, kind = TOOL_MARKERS[marker]
-        k = text.find(end_marker, j)
-        k = len(text) if k < 0 else k  # an unclosed block runs to the end
-        parts.append({"type": kind, "text": text[j + len(marker):k]})
-        i = k + len(end_marker)
-    return parts
+    kinds = ("text", "python", "python_output")
+    return [{"type": kinds[i % 3], "text": piece} for i, piece in enumerate(pieces) if piece or i % 3]
 
 
 def chat_prompt(tokenizer, messages) -> list[int]:
     """Token ids that prime the model to answer `messages` (dicts with role and content, the
-    OpenAI shape): assistant replies are split back into tool parts by assistant_parts."""
+    OpenAI shape): assistant replies are read back into tool parts by assistant_parts."""
     messages = [dict(m, content=assistant_parts(m["content"])) if m["role"] == "assistant" and isinstance(m["content"], str)
                 else m for m in messages]
     return tokenizer.render_for_completion({"messages": messages})
+
+
+def fit_prompt(tokenizer, messages, budget: int):
+    """(ids, dropped): the prompt for the newest whole turns of `messages` (which end with a user
+    message) that fit in `budget` tokens, a leading system message always kept; `dropped` counts the
+    oldest messages left out. ids is None when even the last user message does not fit."""
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    body = messages[len(head):]
+    starts = range(0, len(body), 2)  # each start keeps a conversation that begins with a user message
+    first = bisect.bisect_left(starts, True, key=lambda s: len(chat_prompt(tokenizer, head + body[s:])) <= budget)
+    if first == len(starts):
+        return None, len(body) - 1
+    return chat_prompt(tokenizer, head + body[starts[first]:]), starts[first]
 
 
 class StreamDecoder:

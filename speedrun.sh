@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
 # speedrun: train a small ChatGPT end to end and write report.md.
 #
-#   bash speedrun.sh                 # 8xH100 (or any number of CUDA GPUs): d24, GPT-2 grade, a few hours
-#   SPEEDCHAT_DEPTH=20 bash speedrun.sh      # the cheap tier: d20, about a third of the pretraining time
-#   bash speedrun.sh                 # no CUDA GPU: the tiny offline CPU preset, a few minutes
-#   SPEEDCHAT_PRESET=cpu bash speedrun.sh    # force the CPU preset
-#   SPEEDCHAT_SKIP_RL=1 bash speedrun.sh     # stop after SFT (no reinforcement learning stage)
+#   bash speedrun.sh                              # CUDA GPUs: d24, GPT-2 grade (a few hours on 8xH100); no GPU: the CPU preset (minutes)
+#   SPEEDCHAT_DEPTH=20 bash speedrun.sh           # the cheap tier: d20, about a third of the pretraining time
+#   SPEEDCHAT_PRESET=cpu-learn bash speedrun.sh   # a laptop: a d4 model on a few real shards that learns some English
 #
-# Re-running after an interruption resumes: finished stages are skipped (a marker per stage
-# under $SPEEDCHAT_BASE_DIR/speedrun/) and an interrupted training resumes from its last
-# checkpoint. To start over from scratch, remove the markers and the checkpoints:
-#   rm -rf $SPEEDCHAT_BASE_DIR/speedrun $SPEEDCHAT_BASE_DIR/checkpoints
+# Knobs (environment variables; every one optional):
+#   SPEEDCHAT_PRESET      gpu | cpu | cpu-learn (default: gpu when torch sees a CUDA GPU, else cpu)
+#   SPEEDCHAT_DEPTH       model depth (default: 24 gpu, 4 cpu-learn, 2 cpu)
+#   SPEEDCHAT_SOURCE      pretraining data: climbmix | fineweb-edu | stdlib-docs | dir:PATH
+#                         (default: climbmix gpu, fineweb-edu cpu-learn, stdlib-docs cpu)
+#   SPEEDCHAT_SHARDS      shards to download (default: what the plan needs on gpu, 4 cpu-learn)
+#   SPEEDCHAT_NGPU        how many GPUs to use (default: all)
+#   SPEEDCHAT_RERUN       stages to run again, comma-separated (e.g. base-eval, or base-train: it and every later stage)
+#   SPEEDCHAT_SKIP_RL     1 = stop after SFT (no reinforcement learning stage)
+#   SPEEDCHAT_SKIP_SETUP  1 = use .venv as it is (no Rust/uv install, no uv sync)
+#   SPEEDCHAT_BASE_DIR    where everything is written (default: ~/.cache/speedchat)
+#
+# Running it again resumes: a stage that finished with the same command is skipped (a marker per stage
+# under $SPEEDCHAT_BASE_DIR/speedrun/), an interrupted training goes on from its last checkpoint, and a
+# stage whose command changed (another depth, source, preset) runs afresh, with every stage after it.
 set -euo pipefail
 CALLER_DIR=$PWD  # report.md is copied here at the end
 export SPEEDCHAT_BASE_DIR="${SPEEDCHAT_BASE_DIR:-$HOME/.cache/speedchat}"
 mkdir -p "$SPEEDCHAT_BASE_DIR"
 SPEEDCHAT_BASE_DIR=$(CDPATH= cd -- "$SPEEDCHAT_BASE_DIR" && pwd)  # a relative one is relative to where you ran this
 cd "$(dirname "$0")"
+REPO=$PWD
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
@@ -34,22 +44,30 @@ kill_run() {
 }
 if [ -d /proc/self ]; then
     trap 'kill_run "$SPEEDRUN_ID"' EXIT
-    trap 'exit 130' INT
+    trap 'echo; echo "interrupted: run \`bash speedrun.sh\` again to resume" >&2; exit 130' INT
     trap 'exit 143' TERM HUP
     if command -v setsid >/dev/null 2>&1; then
         env -u SPEEDRUN_ID setsid bash -c "while kill -0 $$ 2>/dev/null; do sleep 2; done; $(declare -f kill_run); kill_run $SPEEDRUN_ID" \
             </dev/null >/dev/null 2>&1 &
     fi
 fi
+# stages run in a session of their own (when setsid exists): Ctrl-C reaches this script alone, whose
+# trap then stops the stage at once, instead of every process printing its traceback
+SESSION=$(command -v setsid >/dev/null 2>&1 && echo setsid || true)
 
 # --- environment: Rust (installed when missing and the network allows), uv, .venv, rustbpe
-if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ] && command -v curl >/dev/null 2>&1; then
-    echo "Rust is missing: installing it with rustup"
-    curl --proto '=https' --tlsv1.2 -sSf --max-time 120 https://sh.rustup.rs | sh -s -- -y --profile minimal >/dev/null \
-        || { echo "error: could not install Rust: install it from https://rustup.rs and re-run" >&2; exit 1; }
+if [ "${SPEEDCHAT_SKIP_SETUP:-}" != 1 ]; then
+    if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ] && command -v curl >/dev/null 2>&1; then
+        echo "Rust is missing: installing it with rustup"
+        curl --proto '=https' --tlsv1.2 -sSf --max-time 120 https://sh.rustup.rs | sh -s -- -y --profile minimal >/dev/null \
+            || { echo "error: could not install Rust: install it from https://rustup.rs and re-run" >&2; exit 1; }
+    fi
+    SETUP_START=$SECONDS
+    source ./setup_env.sh
+    echo "environment ready in $((SECONDS - SETUP_START))s"
 fi
-source ./setup_env.sh
-PY="uv run --no-sync python"
+[ -x .venv/bin/python ] || { echo "error: no .venv here: run without SPEEDCHAT_SKIP_SETUP to create it" >&2; exit 1; }
+PY=.venv/bin/python
 
 NGPU=$($PY -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
 if [ "$NGPU" = 0 ] && [ -z "${SPEEDCHAT_PRESET:-}" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
@@ -60,90 +78,129 @@ if [ "$NGPU" = 0 ] && [ -z "${SPEEDCHAT_PRESET:-}" ] && command -v nvidia-smi >/
          "SPEEDCHAT_PRESET=cpu runs the CPU preset anyway." >&2
     exit 1
 fi
+NGPU=$(( ${SPEEDCHAT_NGPU:-$NGPU} < NGPU ? ${SPEEDCHAT_NGPU:-$NGPU} : NGPU ))
 PRESET=${SPEEDCHAT_PRESET:-$([ "$NGPU" -gt 0 ] && echo gpu || echo cpu)}
 case "$PRESET" in
     gpu) [ "$NGPU" -gt 0 ] || { echo "error: SPEEDCHAT_PRESET=gpu but torch sees no CUDA GPU: unset it to run the CPU preset" >&2; exit 1; } ;;
-    cpu) ;;
-    *) echo "error: SPEEDCHAT_PRESET must be gpu or cpu, not '$PRESET'" >&2; exit 1 ;;
+    cpu|cpu-learn) NGPU=0 ;;
+    *) echo "error: SPEEDCHAT_PRESET must be gpu, cpu or cpu-learn, not '$PRESET'" >&2; exit 1 ;;
 esac
 DONE="$SPEEDCHAT_BASE_DIR/speedrun"
 mkdir -p "$DONE"
+[ -f "$DONE/run_id" ] || date +%Y%m%d-%H%M%S > "$DONE/run_id"
+export SPEEDCHAT_RUN_ID=$(cat "$DONE/run_id")  # every report section of this run carries it
 echo "speedrun: preset $PRESET, $NGPU GPU(s), artifacts in $SPEEDCHAT_BASE_DIR"
 
-# stage NAME CMD...: run CMD unless NAME finished in an earlier run
+# stage NAME [--resumes CKPT] CMD...: run CMD unless NAME already finished with this very command.
+# The marker $DONE/NAME holds the command it finished; $DONE/NAME.started the one it started. A
+# training stage (--resumes: its checkpoint folder) that started this command and did not finish
+# goes on from its last checkpoint. A stage that runs afresh, or a training that resumes, makes every
+# later stage run again (except evaluations, which change no model). SPEEDCHAT_RERUN names stages
+# that run afresh whatever their markers say.
+FRESH=""
 stage() {
-    local name=$1; shift
-    if [ -f "$DONE/$name" ]; then echo "== $name: done in an earlier run, skipped"; return 0; fi
-    echo "== $name"
-    local t0=$SECONDS
-    "$@" &  # waited for in the background, so that a signal reaches our traps at once
-    wait $!
-    touch "$DONE/$name"
+    local name=$1 ckpt="" extra=()
+    shift
+    if [ "$1" = --resumes ]; then ckpt=$2; shift 2; fi
+    local cmd="$*" forced=$FRESH
+    [[ ",${SPEEDCHAT_RERUN:-}," == *",$name,"* ]] && forced=1
+    if [ -z "$forced" ] && [ "$(cat "$DONE/$name" 2>/dev/null)" = "$cmd" ]; then
+        echo "== $name: done in an earlier run, skipped"; return 0
+    fi
+    if [ -z "$forced" ] && [ -n "$ckpt" ] && [ "$(cat "$DONE/$name.started" 2>/dev/null)" = "$cmd" ] \
+        && compgen -G "$SPEEDCHAT_BASE_DIR/checkpoints/$ckpt/*/meta_*.json" >/dev/null; then
+        extra=(--resume); echo "== $name: resuming from its last checkpoint"
+    else
+        echo "== $name"
+    fi
+    [[ $name == *eval* ]] || FRESH=1
+    rm -f "$DONE/$name"; echo "$cmd" > "$DONE/$name.started"
+    local t0=$SECONDS status=0
+    $SESSION "$@" ${extra[@]+"${extra[@]}"} &  # waited for in the background, so that a signal reaches our traps at once
+    wait $! || status=$?
+    if [ $status != 0 ]; then
+        echo "error: stage $name failed (exit $status): fix what it says above, then run \`bash speedrun.sh\` again" >&2
+        exit $status
+    fi
+    echo "$cmd" > "$DONE/$name"
     echo "== $name: $((SECONDS - t0))s"
 }
-# resume_flag STAGE: --resume when that training stage already saved a checkpoint
-resume_flag() {
-    if compgen -G "$SPEEDCHAT_BASE_DIR/checkpoints/$1/*/meta_*.json" >/dev/null; then echo --resume; fi
-}
-if [ "$PRESET" = gpu ]; then
-    RUN="uv run --no-sync torchrun --standalone --nproc_per_node=$NGPU"
-else
-    RUN="uv run --no-sync torchrun --standalone --nproc_per_node=1"
-fi
+RUN="$PY -m torch.distributed.run --standalone --nproc_per_node=$(( NGPU > 0 ? NGPU : 1 ))"
 
-stage report-reset $PY -m report reset
+stage report-reset $PY -m report reset --preset "$PRESET"
 
 if [ "$PRESET" = gpu ]; then
     # d24 on 8 tokens per scaling parameter: the GPT-2-grade run (SPEEDCHAT_DEPTH=20: the cheap tier).
     # The plan (plan.py) sizes it for these GPUs first: shards to download, rows per GPU, memory, disk.
-    DEPTH=${SPEEDCHAT_DEPTH:-24}
+    DEPTH=${SPEEDCHAT_DEPTH:-24}; SOURCE=${SPEEDCHAT_SOURCE:-climbmix}
     PLAN="$SPEEDCHAT_BASE_DIR/plan-d$DEPTH.json"
     $PY -m plan --depth "$DEPTH" --ratio 8 --json --check > "$PLAN" \
         || { echo "error: d$DEPTH does not fit this machine (see the plan above): free disk, use GPUs with more memory, or SPEEDCHAT_DEPTH=20" >&2; exit 1; }
     plan_value() { $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$PLAN" "$1"; }
-    SHARDS=$(plan_value shards_needed); DEVICE_BATCH=$(plan_value device_batch_size)
+    SHARDS=${SPEEDCHAT_SHARDS:-$(plan_value shards_needed)}; DEVICE_BATCH=$(plan_value device_batch_size)
     FP8=$($PY -c 'import torch, fp8; print("--fp8" if fp8.fp8_supported(torch.device("cuda"))[0] else "")')
-    stage data-first $PY -m dataset --source climbmix -n 8
-    $PY -m dataset --source climbmix -n "$SHARDS" > "$SPEEDCHAT_BASE_DIR/download.log" 2>&1 &
+    stage data-first $PY -m dataset --source "$SOURCE" -n $(( SHARDS < 8 ? SHARDS : 8 ))
+    $PY -m dataset --source "$SOURCE" -n "$SHARDS" > "$SPEEDCHAT_BASE_DIR/download.log" 2>&1 &
     DOWNLOAD_PID=$!
-    stage tokenizer-train $PY -m tokenizer.train --source climbmix --vocab-size 32768 --max-chars 2000000000
-    stage tokenizer-eval $PY -m tokenizer.eval --source climbmix
+    stage tokenizer-train $PY -m tokenizer.train --source "$SOURCE" --vocab-size 32768 --max-chars 2000000000 --force
+    stage tokenizer-eval $PY -m tokenizer.eval --source "$SOURCE"
     echo "waiting for the shard download (log: $SPEEDCHAT_BASE_DIR/download.log)"
     wait $DOWNLOAD_PID || { echo "error: the shard download failed: see $SPEEDCHAT_BASE_DIR/download.log" >&2; exit 1; }
     # The batch sizes of nanochat's d20 recipe, rounded up so that any number of GPUs divides them.
     round_up() { echo $(( ($1 + $2 - 1) / $2 * $2 )); }
     TOKENS_PER_STEP=$(round_up 524288 $((DEVICE_BATCH * 2048 * NGPU)))   # the plan's rows of 2048 tokens per GPU
     SFT_EXAMPLES=$(round_up 32 $((4 * NGPU)))                  # 4 conversations per GPU
-    stage base-train $RUN -m base_train -- --depth "$DEPTH" --target-param-data-ratio 8 \
-        --device-batch-size "$DEVICE_BATCH" $FP8 $(resume_flag base)
+    stage base-train --resumes base $RUN -m base_train -- --depth "$DEPTH" --source "$SOURCE" --target-param-data-ratio 8 \
+        --device-batch-size "$DEVICE_BATCH" $FP8
     stage base-eval $RUN -m base_eval
-    stage mid-train $RUN -m mid_train -- --preset full --device-batch-size "$DEVICE_BATCH" --total-batch-size $TOKENS_PER_STEP $(resume_flag mid)
+    stage mid-train --resumes mid $RUN -m mid_train -- --preset full --device-batch-size "$DEVICE_BATCH" \
+        --total-batch-size $TOKENS_PER_STEP
     stage chat-eval-mid $RUN -m chat_eval -- --source mid
-    stage chat-sft $RUN -m chat_sft -- --preset full --examples-per-step $SFT_EXAMPLES $(resume_flag sft)
+    stage chat-sft --resumes sft $RUN -m chat_sft -- --preset full --examples-per-step $SFT_EXAMPLES
     stage chat-eval-sft $RUN -m chat_eval -- --source sft
     # RL: one pass over GSM8K train, 16 problems (rounded up to the GPUs) x 16 answers per step: ~470 steps
     RL_FLAGS="--preset full --examples-per-step $(round_up 16 $NGPU)" RL_EVAL="--task-name GSM8K"
 else
-    # The offline CPU preset: the stdlib-docs corpus, a tiny model, self-generated chat tasks.
-    TINY="--depth 2 --aspect-ratio 64 --head-dim 32 --max-seq-len 128 --device-batch-size 8 --total-batch-size 1024"
-    stage data $PY -m dataset --source stdlib-docs
-    stage tokenizer-train $PY -m tokenizer.train --source stdlib-docs --vocab-size 2048 --max-chars 20000000
-    stage tokenizer-eval $PY -m tokenizer.eval --source stdlib-docs
-    stage base-train $RUN -m base_train -- $TINY --source stdlib-docs --num-iterations 300 \
-        --eval-every 100 --eval-tokens 32768 --sample-every 150 --save-every 100 $(resume_flag base)
+    # cpu: offline, minutes on 2 cores: the stdlib-docs corpus, a 2-layer model, self-generated chat tasks.
+    # cpu-learn: a laptop's cores for about half an hour: a d4 model (~11M parameters) on 4 real shards, long
+    # enough to learn English words and phrases (bench/RESULTS.md: what it learned here), then the same chat
+    # stages; the report shows its greedy answers to fixed prompts ("The capital of France is").
+    if [ "$PRESET" = cpu ]; then
+        DEPTH=${SPEEDCHAT_DEPTH:-2}; SOURCE=${SPEEDCHAT_SOURCE:-stdlib-docs}; VOCAB=2048; CHARS=20000000; T=128
+        TRAIN="--aspect-ratio 64 --head-dim 32 --device-batch-size 8 --total-batch-size 1024 --num-iterations 300 --sample-every 150"
+    else
+        DEPTH=${SPEEDCHAT_DEPTH:-4}; SOURCE=${SPEEDCHAT_SOURCE:-fineweb-edu}; VOCAB=8192; CHARS=50000000; T=256
+        TRAIN="--device-batch-size 16 --total-batch-size 4096 --num-iterations 400 --sample-every 100"
+    fi
+    if [ ! -f "$DONE/data" ] && [[ $SOURCE == fineweb-edu && -z ${SPEEDCHAT_FINEWEB_URL:-} ]] \
+        && ! $PY -c "import socket; socket.create_connection(('huggingface.co', 443), timeout=10)" 2>/dev/null; then
+        echo "error: $PRESET downloads FineWeb-edu shards and huggingface.co is out of reach: set SPEEDCHAT_SOURCE=dir:PATH" \
+             "(a folder of .txt/.md/.jsonl/.parquet text) or run SPEEDCHAT_PRESET=cpu" >&2
+        exit 1
+    fi
+    stage data $PY -m dataset --source "$SOURCE" -n "${SPEEDCHAT_SHARDS:-4}"
+    stage tokenizer-train $PY -m tokenizer.train --source "$SOURCE" --vocab-size $VOCAB --max-chars $CHARS --force
+    stage tokenizer-eval $PY -m tokenizer.eval --source "$SOURCE"
+    stage base-train --resumes base $RUN -m base_train -- --depth "$DEPTH" --source "$SOURCE" --max-seq-len $T $TRAIN \
+        --eval-every 100 --eval-tokens 32768 --save-every 100
     stage base-eval $RUN -m base_eval -- --eval bpb,sample --split-tokens 32768
-    stage mid-train $RUN -m mid_train -- --preset offline --max-seq-len 128 --device-batch-size 8 --num-iterations 150 $(resume_flag mid)
+    stage mid-train --resumes mid $RUN -m mid_train -- --preset offline --max-seq-len $T --device-batch-size 8 \
+        --num-iterations 150 --eval-every 25 --eval-tokens 16384
     stage chat-eval-mid $RUN -m chat_eval -- --source mid --max-problems 50
-    stage chat-sft $RUN -m chat_sft -- --preset offline --device-batch-size 8 --num-iterations 100 $(resume_flag sft)
+    stage chat-sft --resumes sft $RUN -m chat_sft -- --preset offline --device-batch-size 8 --num-iterations 100 \
+        --eval-every 20 --eval-examples 256
     stage chat-eval-sft $RUN -m chat_eval -- --source sft --max-problems 50
     # RL on arithmetic, briefly; the tiny model needs a larger fraction of the lr (0.5 collapses it)
     RL_FLAGS="--preset offline --num-iterations 20 --examples-per-step 8 --num-samples 8 --max-new-tokens 64
               --eval-problems 32 --device-batch-size 32 --init-lr-frac 0.2" RL_EVAL="--max-problems 50"
 fi
 if [ "${SPEEDCHAT_SKIP_RL:-0}" != 1 ]; then
-    stage chat-rl $RUN -m chat_rl -- $RL_FLAGS $(resume_flag rl)
+    stage chat-rl --resumes rl $RUN -m chat_rl -- $RL_FLAGS
     stage chat-eval-rl $RUN -m chat_eval -- --source rl $RL_EVAL
 fi
 
 $PY -m report generate --out-dir "$CALLER_DIR"
-echo "done: read $CALLER_DIR/report.md, then chat with: uv run python -m chat_cli   (or: uv run python -m chat_web)"
+# what to type next, in any new shell (no uv needed: the environment is the .venv folder)
+BASE_VAR=$([ "$SPEEDCHAT_BASE_DIR" = "$HOME/.cache/speedchat" ] || echo "export SPEEDCHAT_BASE_DIR=$SPEEDCHAT_BASE_DIR && ")
+echo "done: read $CALLER_DIR/report.md, then chat with your model (python -m chat_web for the browser):"
+echo "  cd $REPO && source .venv/bin/activate && ${BASE_VAR}python -m chat_cli"

@@ -25,9 +25,7 @@ class ARC(MultipleChoiceTask):
 
     def __init__(self, subset="ARC-Easy", split="test", path=None, **kwargs):
         super().__init__(**kwargs)
-        if subset not in ("ARC-Easy", "ARC-Challenge") or split not in ("train", "validation", "test"):
-            raise ValueError(f"ARC has subsets ARC-Easy/ARC-Challenge and splits train/validation/test, "
-                             f"not {subset}/{split}")
+        assert subset in ("ARC-Easy", "ARC-Challenge") and split in ("train", "validation", "test"), (subset, split)
         self.subset = subset
         self.rows = load_rows("allenai/ai2_arc", subset, split, path, subset, self.path_flag,
                               "ARC jsonl (question.stem, question.choices, answerKey) or the Hub parquet")

@@ -39,8 +39,7 @@ class Arithmetic(Task):
 
     def __init__(self, size=1000, split="train", seed=42, max_digits=3, **kwargs):
         super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be train or test, not {split!r}")
+        assert split in ("train", "test"), split
         self.size, self.split, self.seed, self.max_digits = size, split, seed, max_digits
 
     def num_examples(self):

@@ -22,6 +22,7 @@ import numpy as np
 
 from common import UserError, atomic_write, get_base_dir, print0
 from dataset import DownloadError, check_parquet, download_file, request
+from tokenizer import conversation_problem
 
 # ---------------------------------------------------------------------------
 # Task base
@@ -36,18 +37,8 @@ class Task:
     eval_type = None
 
     def __init__(self, start=0, stop=None, step=1):
-        if start < 0 or (stop is not None and stop < start) or step < 1:
-            raise ValueError(f"bad task slice start={start} stop={stop} step={step}")
+        assert start >= 0 and (stop is None or stop >= start) and step >= 1, (start, stop, step)
         self.start, self.stop, self.step = start, stop, step
-
-    def num_examples(self) -> int:
-        raise NotImplementedError
-
-    def get_example(self, index) -> dict:
-        raise NotImplementedError
-
-    def evaluate(self, conversation, completion: str) -> bool:
-        raise NotImplementedError(f"{type(self).__name__} is not an eval task")
 
     @property
     def name(self) -> str:
@@ -61,10 +52,8 @@ class Task:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"{self.name}: index {index} out of range for {n} examples")
+        index += n if index < 0 else 0
+        assert 0 <= index < n, f"{self.name}: index {index} out of range for {n} examples"
         return self.get_example(self.start + index * self.step)
 
     def __iter__(self):
@@ -170,6 +159,18 @@ def last_number(text: str):
 
 
 # ---------------------------------------------------------------------------
+# Conversations from files (CustomJSON): the tokenizer's check, and a reply to train on
+
+
+def check_conversation(messages, require_assistant_last=True) -> str | None:
+    """Why `messages` is not a conversation to train on, or None when it is."""
+    problem = conversation_problem(messages)
+    if problem is None and require_assistant_last and messages[-1]["role"] != "assistant":
+        problem = "the last message must be from the assistant"
+    return problem
+
+
+# ---------------------------------------------------------------------------
 # Local files in the sources' own formats
 
 def read_jsonl(path):
@@ -189,11 +190,9 @@ def read_jsonl(path):
 def read_local_rows(path, what, path_flag):
     """Rows from a local copy: a .parquet / .jsonl / .jsonl.gz / .json file, or a folder of them."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"{what}: {path_flag} {path} does not exist")
-    files = sorted(p for p in path.rglob("*") if _row_file(p)) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if _row_file(p)) if path.is_dir() else [path] if _row_file(path) else []
     if not files:
-        raise UserError(f"{what}: no .parquet/.jsonl/.json files in {path}")
+        raise UserError(f"{what}: {path_flag} {path} is not a .parquet/.jsonl/.json file or a folder of them")
     rows = []
     for f in files:
         if f.suffix == ".parquet":
@@ -202,10 +201,8 @@ def read_local_rows(path, what, path_flag):
         elif f.suffix == ".json":
             data = json.loads(f.read_text(encoding="utf-8"))
             rows.extend(data if isinstance(data, list) else [data])
-        elif f.name.endswith((".jsonl", ".jsonl.gz")):
-            rows.extend(read_jsonl(f))
         else:
-            raise UserError(f"{what}: {f} is not a .parquet, .jsonl or .json file")
+            rows.extend(read_jsonl(f))
     return rows
 
 

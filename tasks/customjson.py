@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from common import UserError
-from tasks.common import Task
-from tokenizer import _normalize_messages as check_conversation  # raises ValueError: why it cannot be rendered
+from tasks.common import Task, check_conversation
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 FORMS = 'expected {"messages": [{"role", "content"}, ...]} (OpenAI) or {"conversations": [{"from", "value"}, ...]} (ShareGPT)'
@@ -37,16 +36,12 @@ def read_line(line: str):
     """(messages, None) for a usable conversation, else (None, why not)."""
     try:
         messages = _messages(json.loads(line))
-        check_conversation({"messages": messages})
     except json.JSONDecodeError as e:
         return None, f"not valid JSON ({e.msg} at column {e.colno})"
-    except ValueError as e:
-        return None, str(e)
     except (KeyError, TypeError, AttributeError):
         return None, FORMS
-    if messages[-1]["role"] != "assistant":
-        return None, "the last message must be the assistant's (it is what the model learns)"
-    return messages, None
+    problem = check_conversation(messages)
+    return (None, problem) if problem else (messages, None)
 
 
 def load_conversations(path) -> list[dict]:

@@ -43,8 +43,7 @@ class GSM8K(Task):
 
     def __init__(self, subset="main", split="train", path=None, **kwargs):
         super().__init__(**kwargs)
-        if subset not in ("main", "socratic") or split not in ("train", "test"):
-            raise ValueError(f"GSM8K has subsets main/socratic and splits train/test, not {subset}/{split}")
+        assert subset in ("main", "socratic") and split in ("train", "test"), (subset, split)
         self.rows = load_rows("openai/gsm8k", subset, split, path, "GSM8K", self.path_flag,
                               "the GSM8K jsonl with question and answer fields")
 

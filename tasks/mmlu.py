@@ -21,23 +21,11 @@ def hendrycks_files(path: Path, split: str) -> list[Path]:
     auxiliary_train/) when it has split subfolders, else the folder's CSVs. Never the CSVs of
     another split: training on dev/ or val/ while evaluating on them would leak the benchmark."""
     folder = LOCAL_SPLITS.get(split, split)
-    if path.is_dir():
-        present = [name for name in SPLIT_FOLDERS if (path / name).is_dir()]
-        if present:
-            if folder not in present:
-                raise UserError(f"{path} has no {folder}/ folder: it holds {', '.join(p + '/' for p in present)}; "
-                                f"pass an MMLU copy with {folder}/ (the {split} split), or a folder of its CSVs")
-            path = path / folder
-        files = sorted(path.rglob("*.csv"))
-        if not files:
-            raise UserError(f"{path} has no .csv files (MMLU {split}: Hendrycks CSVs question,A,B,C,D,answer)")
-    else:
-        files = [path]
-    for f in files:  # a CSV inside another split's folder (e.g. mmlu/dev/x_dev.csv asked for as test)
-        if f.parent.name in SPLIT_FOLDERS and f.parent.name != folder:
-            raise UserError(f"{f} is in a {f.parent.name}/ folder, not {folder}/: pass the MMLU {split} "
-                            f"split's CSVs (the {folder}/ folder)")
-    return files
+    if path.is_dir() and any((path / name).is_dir() for name in SPLIT_FOLDERS):
+        path = path / folder
+    files = sorted(path.rglob("*.csv")) if path.is_dir() else [path] if path.suffix == ".csv" else []
+    # nor a CSV inside another split's folder (e.g. mmlu/dev/x_dev.csv asked for as test)
+    return [f for f in files if f.parent.name not in SPLIT_FOLDERS or f.parent.name == folder]
 
 
 def read_hendrycks(path: Path, split: str):
@@ -49,11 +37,10 @@ def read_hendrycks(path: Path, split: str):
         for suffix in ("_test", "_val", "_dev", "_auxiliary_train"):
             subject = subject.removesuffix(suffix)
         with open(f, newline="", encoding="utf-8") as fh:
-            for lineno, rec in enumerate(csv.reader(fh), 1):
-                if len(rec) != 6 or rec[5].strip() not in ("A", "B", "C", "D"):
-                    raise UserError(f"{f} line {lineno}: expected question,A,B,C,D,answer-letter")
-                rows.append({"question": rec[0], "choices": rec[1:5], "answer": "ABCD".index(rec[5].strip()),
-                             "subject": subject})
+            rows += [{"question": rec[0], "choices": rec[1:5], "answer": "ABCD".index(rec[5].strip()), "subject": subject}
+                     for rec in csv.reader(fh) if len(rec) == 6 and rec[5].strip() in ("A", "B", "C", "D")]
+    if not rows:
+        raise UserError(f"{path}: no MMLU {split} rows (Hendrycks CSVs: question,A,B,C,D,answer)")
     return rows
 
 
@@ -76,8 +63,7 @@ class MMLU(MultipleChoiceTask):
     def __init__(self, subset="all", split="test", path=None, shuffle=True, **kwargs):
         super().__init__(**kwargs)
         ok = {"all": ("test", "validation", "dev", "auxiliary_train"), "auxiliary_train": ("train",)}
-        if split not in ok.get(subset, ()):
-            raise ValueError(f"MMLU subset {subset!r} has splits {ok.get(subset, ())}, not {split!r}")
+        assert split in ok[subset], (subset, split)
         self.subset, self.split = subset, split
         if path is not None and _is_hendrycks(Path(path).expanduser()):
             self.rows = read_hendrycks(Path(path).expanduser(), split)

@@ -73,8 +73,7 @@ class SmolTalk(Task):
 
     def __init__(self, split="train", path=None, **kwargs):
         super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"SmolTalk has splits train/test, not {split!r}")
+        assert split in ("train", "test"), split
         rows = load_rows("HuggingFaceTB/smol-smoltalk", "default", split, path, "SmolTalk", self.path_flag,
                          FORMATS)
         total = len(rows)
@@ -84,8 +83,7 @@ class SmolTalk(Task):
         else:  # small local files: convert once
             rows = [c for c in map(conversation_of, rows) if c]
         if total and not rows:
-            raise UserError(f"SmolTalk {split}: none of the {total:,} rows of {path or 'the download'} is a "
-                            f"usable conversation; expected {FORMATS}")
+            raise UserError(f"SmolTalk: no usable conversation in {path or 'the download'}; expected {FORMATS}")
         if len(rows) < total:
             print0(f"SmolTalk {split}: dropped {total - len(rows):,} of {total:,} rows with no usable "
                    f"user/assistant exchange")

@@ -25,19 +25,15 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 def load_words(path=None) -> list[str]:
     """Lowercase alphabetic words, sorted and unique, from a .txt (one per line) or a .zip of one."""
     path = Path(path).expanduser() if path else DEFAULT_WORDS
-    if not path.is_file():
-        raise UserError(f"word list {path} does not exist (--words-path takes a .txt or .zip, one word per line)")
-    if path.suffix == ".zip":
+    text = ""
+    if path.suffix == ".zip" and path.is_file():
         with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith(".txt")]
-            if not names:
-                raise UserError(f"{path} has no .txt file inside")
-            text = z.read(names[0]).decode("utf-8", errors="replace")
-    else:
+            text = "\n".join(z.read(n).decode("utf-8", errors="replace") for n in z.namelist() if n.endswith(".txt"))
+    elif path.is_file():
         text = path.read_text(encoding="utf-8", errors="replace")
     words = sorted({w for w in (line.strip().lower() for line in text.splitlines()) if WORD.match(w)})
-    if not words:
-        raise UserError(f"{path} has no words (one lowercase word per line)")
+    if len(words) < 2:  # the test split holds some out
+        raise UserError(f"word list {path}: no such file, or fewer than 2 words (a .txt or .zip, one word per line)")
     return words
 
 
@@ -50,8 +46,7 @@ def is_test_word(word: str) -> bool:
 def split_words(words: list[str], split: str) -> list[str]:
     """The words of `split` ("train" or "test"): disjoint, and both non-empty for any list of
     two or more words (a tiny list may hash all to one side: then one word moves over)."""
-    if len(words) < 2:
-        raise UserError(f"the spelling tasks need at least 2 words (some are held out for testing), got {words}")
+    assert len(words) >= 2, words
     test = [w for w in words if is_test_word(w)]
     train = [w for w in words if not is_test_word(w)]
     if not test:
@@ -68,8 +63,7 @@ class _GeneratedTask(Task):
 
     def __init__(self, size=1000, split="train", seed=42, words_path=None, **kwargs):
         super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be train or test, not {split!r}")
+        assert split in ("train", "test"), split
         self.size, self.split, self.seed = size, split, seed
         self.words = split_words(load_words(words_path), split)
 

@@ -115,8 +115,6 @@ def test_chat_rl_resume_is_bitwise_identical(trained, tmp_path, monkeypatch):
     assert data["curve"]["pass_step"] == [0, 2, 4] and 0 <= data["held_out_pass@2"]["end"] <= 1
 
 
-
-
 def test_the_summary_has_an_rl_column_once_rl_is_evaluated(tmp_path, monkeypatch):
     import report
 
@@ -125,4 +123,4 @@ def test_the_summary_has_an_rl_column_once_rl_is_evaluated(tmp_path, monkeypatch
     assert report.summary_table().startswith("| metric | BASE | MID | SFT |\n|---|---|---|---|\n")
     report.write_section("chat-eval-rl", "RL", {"results": {"GSM8K": {"acc": 0.07, "se": 0.01}}, "max_problems": 9})
     table = report.summary_table()
-    assert "| GSM8K | - | - | 0.0400 ± 0.0100 | 0.0700 ± 0.0100 |" in table and "RL chat tasks: at most 9" in table
+    assert "| GSM8K | - | - | 0.0400 ± 0.0100 | 0.0700 ± 0.0100 |" in table and "RL: at most 9 problems" in table

@@ -280,15 +280,20 @@ def test_stream_decoder_holds_split_characters_and_shown_replaces_markers():
 
 
 def test_assistant_parts_round_trip(tok):
+    from engine import shown
+
     special = tok.encode_special
     reply = (tok.encode("Let me count. ") + [special("<|python_start|>")] + tok.encode("'strawberry'.count('r')")
              + [special("<|python_end|>"), special("<|output_start|>")] + tok.encode("3")
              + [special("<|output_end|>")] + tok.encode(" There are 3."))
-    text = tok.decode(reply)
+    text = shown(tok.decode(reply))  # what the API and the page show, and a client sends back
+    assert text == "Let me count. [calculator: 'strawberry'.count('r') -> 3] There are 3."
     assert [p["type"] for p in assistant_parts(text)] == ["text", "python", "python_output", "text"]
-    assert assistant_parts("plain words") == "plain words"
-    messages = [{"role": "user", "content": "How many r?"}, {"role": "assistant", "content": text},
+    for plain in ("plain words", "<|python_start|>1+1<|python_end|>", "[calculator: 2+2"):  # text stays text
+        assert assistant_parts(plain) == plain
+    messages = [{"role": "user", "content": "How many r? [calculator: 1+1 -> 2]"}, {"role": "assistant", "content": text},
                 {"role": "user", "content": "thanks"}]
     ids = chat_prompt(tok, messages)
     assert reply + [special("<|assistant_end|>")] == ids[ids.index(special("<|assistant_start|>")) + 1:][: len(reply) + 1]
+    assert ids.count(special("<|python_start|>")) == 1  # the user's text was not read as a call
     assert ids[-1] == special("<|assistant_start|>")

@@ -62,12 +62,9 @@ TOKEN_BYTES_FILE = "token_bytes.pt"
 class Tokenizer:
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN, name: str = "speedchat"):
         n = len(mergeable_ranks)
-        if sorted(mergeable_ranks.values()) != list(range(n)):
-            raise ValueError("mergeable ranks must be exactly 0..N-1 without gaps or repeats")
-        missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
-        if missing:
-            raise ValueError(f"mergeable ranks lack {len(missing)} single bytes (e.g. {missing[0]}): "
-                             "every byte needs a token so that any text can be encoded")
+        # every byte needs a token so that any text can be encoded; ranks are ids, so 0..N-1
+        assert sorted(mergeable_ranks.values()) == list(range(n)), "mergeable ranks must be 0..N-1"
+        assert all(bytes([b]) in mergeable_ranks for b in range(256)), "every single byte needs a rank"
         self.mergeable_ranks = dict(mergeable_ranks)
         self.pattern = pattern
         self.special_tokens = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
@@ -81,21 +78,12 @@ class Tokenizer:
     def train_from_iterator(cls, texts, vocab_size: int, pattern: str = SPLIT_PATTERN) -> "Tokenizer":
         """Train byte-level BPE with rustbpe on an iterable of str. `vocab_size` counts the
         special tokens; on a corpus too small for that many merges the vocab comes out smaller."""
-        try:
-            from rustbpe import Tokenizer as BPETrainer
-        except ImportError:  # also when ./rustbpe (the crate folder) shadows a missing install
-            raise UserError("the rustbpe extension is not installed: `uv pip install -p .venv/bin/python ./rustbpe`")
-        num_mergeable = vocab_size - len(SPECIAL_TOKENS)
-        if num_mergeable < 256:
-            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} "
-                             f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+        from rustbpe import Tokenizer as BPETrainer
+
+        assert vocab_size >= 256 + len(SPECIAL_TOKENS), "the vocab holds at least the 256 bytes and the specials"
         trainer = BPETrainer()
-        trainer.train_from_iterator(texts, num_mergeable, pattern=pattern)
-        pairs = trainer.get_mergeable_ranks()
-        ranks = {bytes(token): int(rank) for token, rank in pairs}
-        if len(ranks) != len(pairs):  # tiktoken needs one id per distinct byte string
-            raise ValueError(f"rustbpe returned {len(pairs) - len(ranks)} duplicate token(s): two merges built the same bytes")
-        return cls(ranks, trainer.get_pattern())
+        trainer.train_from_iterator(texts, vocab_size - len(SPECIAL_TOKENS), pattern=pattern)
+        return cls({bytes(token): int(rank) for token, rank in trainer.get_mergeable_ranks()}, trainer.get_pattern())
 
     def save(self, directory):
         """Write mergeable_ranks.tiktoken and tokenizer.json (format in the module docstring)."""
@@ -117,27 +105,18 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory) -> "Tokenizer":
+        """The tokenizer saved in `directory`; a UserError when it is missing, half-written (the ranks do
+        not hash to what tokenizer.json pinned) or of another format version."""
         directory = Path(directory)
         config_path, ranks_path = directory / CONFIG_FILE, directory / RANKS_FILE
-        if not config_path.exists() or not ranks_path.exists():
-            raise UserError(f"no tokenizer at {directory}: run `python -m tokenizer.train` first")
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        if config.get("format") != FORMAT_NAME or config.get("version") != FORMAT_VERSION:
-            raise UserError(f"{config_path} is not a {FORMAT_NAME} v{FORMAT_VERSION} file: "
-                            "re-run `python -m tokenizer.train`")
-        ranks_bytes = ranks_path.read_bytes()
-        if hashlib.sha256(ranks_bytes).hexdigest() != config["mergeable_ranks_sha256"]:
-            raise UserError(f"{ranks_path} does not match {config_path} (interrupted save?): "
-                            "re-run `python -m tokenizer.train`")
-        ranks = {}
-        for line in ranks_bytes.decode("ascii").splitlines():
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-        tok = cls(ranks, config["pattern"])
-        if tok.special_tokens != config["special_tokens"]:
-            raise UserError(f"{config_path}: special tokens differ from this code's SPECIAL_TOKENS "
-                            "(saved by another version?): re-run `python -m tokenizer.train`")
-        return tok
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        ranks_bytes = ranks_path.read_bytes() if ranks_path.exists() else b""
+        # missing, of another format version (which pins the special tokens), or a save cut short
+        usable = config.get("format") == FORMAT_NAME and config.get("version") == FORMAT_VERSION
+        if not usable or hashlib.sha256(ranks_bytes).hexdigest() != config["mergeable_ranks_sha256"]:
+            raise UserError(f"no usable tokenizer at {directory}: run `python -m tokenizer.train` first")
+        ranks = {base64.b64decode(token): int(rank) for token, rank in map(str.split, ranks_bytes.decode().splitlines())}
+        return cls(ranks, config["pattern"])
 
     # ---- encoding, decoding
 
@@ -160,8 +139,6 @@ class Tokenizer:
         return list(self.special_tokens)
 
     def encode_special(self, name: str) -> int:
-        if name not in self.special_tokens:
-            raise ValueError(f"unknown special token {name!r}; known: {', '.join(self.special_tokens)}")
         return self.special_tokens[name]
 
     def _token_id(self, token) -> int:
@@ -174,10 +151,8 @@ class Tokenizer:
         tail = [self._token_id(append)] if append is not None else []
         if isinstance(text, str):
             return head + self.enc.encode_ordinary(text) + tail
-        if isinstance(text, (list, tuple)):
-            rows = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
-            return [head + row + tail for row in rows] if head or tail else rows
-        raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
+        rows = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
+        return [head + row + tail for row in rows] if head or tail else rows
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
@@ -198,40 +173,39 @@ class Tokenizer:
         """Conversation -> (ids, mask), both truncated to max_tokens. mask[i] = 1 where the
         token is produced by the assistant (its text, its python calls with their delimiters,
         <|assistant_end|>) and is trained on; 0 for <|bos|>, user turns, <|assistant_start|>
-        and tool outputs (those come from the environment, not from the model)."""
-        ids, mask = [], []
+        and tool outputs (those come from the environment, not from the model). A system message
+        is folded into the first user turn (the model has no system role)."""
+        messages = conversation["messages"]
+        assert (problem := conversation_problem(messages)) is None, problem
+        ids, mask = [self.bos_token_id], [0]
 
-        def add(tokens, supervised):
+        def add(text, supervised, start=None, end=None):
+            tokens = ([self.special_tokens[start]] if start else []) + self.enc.encode_ordinary(text)
+            tokens += [self.special_tokens[end]] if end else []
             ids.extend(tokens)
             mask.extend([supervised] * len(tokens))
 
-        special = self.special_tokens
-        add([self.bos_token_id], 0)
-        for role, content in _normalize_messages(conversation):
-            if role == "user":
-                add([special["<|user_start|>"]], 0)
-                add(self.enc.encode_ordinary(content), 0)
-                add([special["<|user_end|>"]], 0)
+        system = messages[0]["content"] + "\n\n" if messages[0]["role"] == "system" else None
+        for message in messages[system is not None:]:
+            content = message["content"]
+            if message["role"] == "user":
+                add((system or "") + content, 0, "<|user_start|>", "<|user_end|>")
+                system = None
                 continue
-            add([special["<|assistant_start|>"]], 0)
-            for kind, text in content:
-                if kind == "text":
-                    add(self.enc.encode_ordinary(text), 1)
-                elif kind == "python":
-                    add([special["<|python_start|>"]], 1)
-                    add(self.enc.encode_ordinary(text), 1)
-                    add([special["<|python_end|>"]], 1)
+            add("", 0, "<|assistant_start|>")
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                if part["type"] == "text":
+                    add(part["text"], 1)
+                elif part["type"] == "python":
+                    add(part["text"], 1, "<|python_start|>", "<|python_end|>")
                 else:  # python_output
-                    add([special["<|output_start|>"]], 0)
-                    add(self.enc.encode_ordinary(text), 0)
-                    add([special["<|output_end|>"]], 0)
-            add([special["<|assistant_end|>"]], 1)
+                    add(part["text"], 0, "<|output_start|>", "<|output_end|>")
+            add("", 1, None, "<|assistant_end|>")
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation) -> list[int]:
         """Ids that prime the model to answer: the conversation without its final assistant
         message (if any), ending with <|assistant_start|>."""
-        _normalize_messages(conversation)  # malformed input fails here, before anything is dropped
         messages = conversation["messages"]
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
@@ -252,60 +226,25 @@ class Tokenizer:
 PART_TYPES = ("text", "python", "python_output")
 
 
-def _normalize_messages(conversation):
-    """Check a conversation and return [(role, content)]: the system message folded into
-    the first user turn, user content a str, assistant content a list of (type, text)."""
-    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
-        raise ValueError('a conversation must be a dict {"messages": [...]}')
-    messages = conversation["messages"]
-    if not messages:
-        raise ValueError("conversation has no messages")
+def conversation_problem(messages) -> str | None:
+    """Why `messages` is not a conversation this tokenizer renders, or None when it is: an optional
+    leading system message, then user and assistant alternating; text content, or for the assistant
+    a list of parts {"type": one of PART_TYPES, "text": str}. The one check of conversations that come
+    from outside (the chat API, CustomJSON files); a problem names the message it is about."""
+    if not isinstance(messages, list) or not messages:
+        return "a conversation needs a non-empty list of messages"
+    system = int(isinstance(messages[0], dict) and messages[0].get("role") == "system")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content'")
-        if message["role"] not in ("system", "user", "assistant"):
-            raise ValueError(f"message {i} has unknown role {message['role']!r} (expected system, user or assistant)")
-    system = None
-    if messages[0]["role"] == "system":
-        system = messages[0]["content"]
-        if not isinstance(system, str):
-            raise ValueError("the system message content must be a string")
-        messages = messages[1:]
-        if not messages:
-            raise ValueError("a system message must be followed by a user message")
-    out = []
-    for j, message in enumerate(messages):
-        i = j + (system is not None)
-        role, content = message["role"], message["content"]
-        expected = "user" if j % 2 == 0 else "assistant"
+        role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
+        expected = "system" if i < system else ("user", "assistant")[(i - system) % 2]
         if role != expected:
-            raise ValueError(f"message {i} has role {role!r} but {expected!r} was expected: after an optional "
-                             "leading system message, roles must alternate user, assistant, user, ...")
-        if role == "user":
-            if not isinstance(content, str):
-                raise ValueError(f"message {i}: user content must be a string (parts are for assistant messages only)")
-            if j == 0 and system is not None:
-                content = system + "\n\n" + content
-            out.append((role, content))
-        else:
-            out.append((role, _assistant_parts(content, i)))
-    return out
-
-
-def _assistant_parts(content, i):
-    if isinstance(content, str):
-        return [("text", content)]
-    if not isinstance(content, list):
-        raise ValueError(f"message {i}: assistant content must be a string or a list of parts")
-    parts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(f"message {i}: unknown part type {kind!r} (expected one of {', '.join(PART_TYPES)})")
-        if not isinstance(part.get("text"), str):
-            raise ValueError(f"message {i}: a {part['type']} part needs a string 'text'")
-        parts.append((part["type"], part["text"]))
-    return parts
+            return (f"message {i} has role {role!r} where {expected!r} belongs: after an optional system message, "
+                    "user and assistant alternate, starting with user")
+        parts = content if role == "assistant" and isinstance(content, list) else [{"type": "text", "text": content}]
+        if not all(isinstance(p, dict) and p.get("type") in PART_TYPES and isinstance(p.get("text"), str) for p in parts):
+            return f"message {i} ({role}): content must be a string" + (
+                f" or a list of parts {{type: {'|'.join(PART_TYPES)}, text: string}}" if role == "assistant" else "")
+    return "a system message must be followed by a user message" if len(messages) == system else None
 
 
 # ---------------------------------------------------------------------------
@@ -332,17 +271,10 @@ def get_token_bytes(device="cpu"):
     """LongTensor[vocab_size] of token byte lengths (0 for specials), from $BASE/tokenizer."""
     import torch
 
-    directory = get_tokenizer_dir()
-    path = directory / TOKEN_BYTES_FILE
-    if not path.exists():
-        raise UserError(f"no {TOKEN_BYTES_FILE} in {directory}: run `python -m tokenizer.train` first")
-    token_bytes = torch.load(path, map_location=device)
-    config_path = directory / CONFIG_FILE
-    if config_path.exists():
-        vocab_size = json.loads(config_path.read_text(encoding="utf-8"))["vocab_size"]
-        if token_bytes.numel() != vocab_size:
-            raise UserError(f"{path} has {token_bytes.numel()} entries but the tokenizer has {vocab_size} "
-                            "tokens: re-run `python -m tokenizer.train`")
+    path = get_tokenizer_dir() / TOKEN_BYTES_FILE
+    token_bytes = torch.load(path, map_location=device) if path.exists() else None
+    if token_bytes is None or token_bytes.numel() != get_tokenizer().get_vocab_size():
+        raise UserError(f"{path} is missing or stale: run `python -m tokenizer.train` first")
     return token_bytes
 
 
@@ -367,27 +299,14 @@ def gpt2_byte_decoder() -> dict[str, int]:
 
 
 def load_gpt2_encoding(directory) -> tiktoken.Encoding:
-    """tiktoken Encoding for GPT-2 from a folder with gpt2_vocab.json (or vocab.json / encoder.json)
-    and, optionally, gpt2_merges.txt (or merges.txt / vocab.bpe) to cross-check the ranks.
-    A token's rank is its vocab id: GPT-2 numbered its tokens in merge order."""
+    """tiktoken Encoding for GPT-2 from a folder with gpt2_vocab.json (or vocab.json / encoder.json).
+    A token's rank is its vocab id: GPT-2 numbered its tokens in merge order, so the merges file
+    adds nothing."""
     directory = Path(directory)
-    vocab_path = _first_existing(directory, ["gpt2_vocab.json", "vocab.json", "encoder.json"])
-    if vocab_path is None:
-        raise UserError(f"no gpt2_vocab.json in {directory}: pass --gpt2-dir with GPT-2's vocab.json and merges")
+    vocab_path = next((directory / n for n in ("vocab.json", "encoder.json") if (directory / n).exists()),
+                      directory / "gpt2_vocab.json")  # a missing file: FileNotFoundError names it
     vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
     decoder = gpt2_byte_decoder()
     special = {"<|endoftext|>": vocab.pop("<|endoftext|>")} if "<|endoftext|>" in vocab else {}
     ranks = {bytes(decoder[c] for c in token): rank for token, rank in vocab.items()}
-    merges_path = _first_existing(directory, ["gpt2_merges.txt", "merges.txt", "vocab.bpe"])
-    if merges_path is not None:
-        lines = [ln for ln in merges_path.read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#version")]
-        for k, line in enumerate(lines):
-            a, b = line.split(" ")
-            if vocab.get(a + b) != 256 + k:
-                raise ValueError(f"{merges_path}: merge {k} ({line!r}) is not vocab id {256 + k}: "
-                                 "vocab and merges do not belong together")
     return tiktoken.Encoding("gpt2-offline", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
-
-
-def _first_existing(directory: Path, names):
-    return next((directory / n for n in names if (directory / n).exists()), None)
