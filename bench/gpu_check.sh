@@ -48,7 +48,7 @@ TASKS="MMLU,GSM8K,HumanEval,SpellingBee,Arithmetic"  # ARC has no local copy (it
 
 if [ "${SCALE:-}" = tiny ]; then
     VOCAB=4096 CHARS=5000000 TRAIN_BENCH="--head-dim 32 --vocab-size 4096 --seq-len 128 --device-batch-size 4 --steps 3 --warmup 1"
-    BASE="--depth 2 --head-dim 32 --max-seq-len 256 --device-batch-size 8 --total-batch-size -1 --num-iterations 30
+    BASE="--depth 2 --head-dim 32 --max-seq-len 256 --device-batch-size 8 --total-batch-size 2048 --num-iterations 30
           --eval-every 15 --eval-tokens 8192 --sample-every -1 --save-every 15"
     CHAT="--max-seq-len 256 --device-batch-size 8 --num-iterations 10" MID=""
     EVAL="--max-problems 8 --max-new-tokens 32" CORE="--max-per-task 8 --split-tokens 8192"
