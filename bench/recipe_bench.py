@@ -119,16 +119,17 @@ def main():
                       "--device-batch-size", args.device_batch_size, "--total-batch-size", args.total_batch_size,
                       "--eval-every", "-1", "--eval-tokens", args.eval_tokens, "--sample-every", "-1",
                       "--save-every", "-1", "--seed", seed, "--model-tag", f"d{depth}s{seed}", "--run", "dummy"]
+            ratio = steps * args.total_batch_size / n  # the new recipe's horizon: the same tokens
             flags = {"old": ["--num-iterations", steps],
-                     "new": ["--target-param-data-ratio", repr(steps * args.total_batch_size / n)] + args.new_flags.split()}
+                     "new": ["--target-param-data-ratio", repr(ratio)] + args.new_flags.split()}
             t0 = time.time()  # the two recipes side by side, one thread each: the same load on both
             with ThreadPoolExecutor(2) as pool:
                 outs = pool.map(lambda name: sh([py, "-m", "base_train"] + common + flags[name], recipes[name],
                                                 work / name, log), recipes)
                 for name, out in zip(recipes, outs):
                     results.setdefault((depth, name), []).append(final_bpb(out))
-            print(f"d{depth} seed {seed}: " + " | ".join(f"{name} val bpb {results[depth, name][-1]:.4f}" for name in recipes)
-                  + f" ({time.time() - t0:.0f}s)", flush=True)
+            bpbs = " | ".join(f"{name} val bpb {results[depth, name][-1]:.4f}" for name in recipes)
+            print(f"d{depth} seed {seed}: {bpbs} ({time.time() - t0:.0f}s)", flush=True)
             scalars[depth, seed] = moved(work / "new", f"d{depth}s{seed}", config(args, depth), seed)
     print("\nval bpb (mean +- sample std over seeds)")
     for depth in map(int, args.depths.split(",")):
@@ -142,7 +143,8 @@ def main():
         for key in scalars[depth, 0]:
             change = max(scalars[depth, s][key][0] for s in range(args.seeds))
             first = ", ".join(f"{v:.3f}" for v in scalars[depth, 0][key][1])
-            print(f"d{depth} {key:28s} {'moved' if change > 1e-3 else 'STUCK'} max |delta| {change:.4f} | seed 0: {first}")
+            verdict = "moved" if change > 1e-3 else "STUCK"
+            print(f"d{depth} {key:28s} {verdict} max |delta| {change:.4f} | seed 0: {first}")
 
 
 if __name__ == "__main__":

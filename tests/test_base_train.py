@@ -230,7 +230,6 @@ def test_cuda_training_step_has_no_host_sync(fp8, compiled):
     sync debug mode "error", any .item(), host copy or data-dependent shape raises (after a first step
     that creates the optimizer state and compiles)."""
     from fp8 import convert_to_fp8, fp8_supported
-    from model import GPT, config_from_depth
 
     if fp8 and not fp8_supported(torch.device("cuda"))[0]:
         pytest.skip(fp8_supported(torch.device("cuda"))[1])
