@@ -1,7 +1,9 @@
 """base_train.py and the training skeleton (training.py): schedules, the recipe's rules, flag ranges,
 bits per byte, and tiny real runs on CPU (stdlib-docs): exact resume, the report, the errors users
-hit, the device batch's out-of-memory back-off, a failing rank under torchrun."""
+hit, the device batch's out-of-memory back-off, a corpus read more than once, the frozen
+garbage collector, a failing rank under torchrun."""
 
+import gc
 import itertools
 import json
 import math
@@ -158,19 +160,32 @@ def test_errors_users_hit(base_dir):
     assert checkpoint.list_steps(directory) == [1]  # not a mix of two runs
 
 
-def test_device_batch_halves_on_out_of_memory(base_dir, monkeypatch):
-    forward = GPT.forward
+def test_a_small_gpu_and_a_small_corpus(base_dir, tmp_path, capsys, monkeypatch):
+    """The device batch halves on out-of-memory; the data wraps, says so and the report counts its
+    epochs; the garbage collector is frozen from the second step on and thawed at the end."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(8):  # ~8 x 100 tokens, a few of them for validation: 6 steps of 256 read the rest twice or more
+        (texts / f"{i}.txt").write_text(f"Note {i}. " + "The river runs past the old mill and the bridge. " * 8)
+    forward, frozen = GPT.forward, []
 
     def small_gpu(self, idx, *args, **kwargs):  # as if 2 rows did not fit in memory, 1 row did
+        frozen.append(gc.get_freeze_count() > 0)
         if idx.size(0) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
         return forward(self, idx, *args, **kwargs)
 
     monkeypatch.setattr(GPT, "forward", small_gpu)
-    base_train.main(TINY + ["--num-iterations", "2", "--eval-every", "-1"])
-    meta = load_step("d2", 2)[2]
+    base_train.main(TINY + ["--source", f"dir:{texts}", "--num-iterations", "6", "--eval-every", "-1"])
+    meta = load_step("d2", 6)[2]
     assert (meta["device_batch_size"], meta["grad_accum_steps"], meta["total_batch_size"]) == (1, 4, 256)
-    assert len(meta["loop_state"]["curve"]["loss"]) == 2
+    assert len(meta["loop_state"]["curve"]["loss"]) == 6
+    # the probe at 2 rows (1 row is the floor: not probed) and step 1's 4 micro-steps run unfrozen, the rest frozen
+    assert frozen[:5] == [False] * 5 and all(frozen[5:]) and len(frozen) > 5 and gc.get_freeze_count() == 0
+    out = capsys.readouterr().out
+    assert f"data: dir:{texts}: epoch 2 begins: its documents repeat" in out
+    epochs = json.loads((base_dir / "report" / "base-train.json").read_text())["epochs"][f"dir:{texts}"]
+    assert epochs > 2 and f"({epochs:.3f} epochs)" in out
 
 
 FAILING_RANK = """
@@ -215,7 +230,6 @@ def test_cuda_training_step_has_no_host_sync(fp8, compiled):
     sync debug mode "error", any .item(), host copy or data-dependent shape raises (after a first step
     that creates the optimizer state and compiles)."""
     from fp8 import convert_to_fp8, fp8_supported
-    from model import GPT, config_from_depth
 
     if fp8 and not fp8_supported(torch.device("cuda"))[0]:
         pytest.skip(fp8_supported(torch.device("cuda"))[1])
