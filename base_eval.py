@@ -72,12 +72,6 @@ def parse_args(argv=None):
 # Bits per byte and samples (the same functions base_train uses during training)
 
 
-def _data_source(meta) -> str:
-    """The pretraining source the checkpoint was trained on (base_train records it in meta)."""
-    source = meta.get("source") or (meta.get("train_config") or {}).get("source")
-    return source if isinstance(source, str) and source else "fineweb-edu"
-
-
 def run_bpb(model, tokenizer, args, meta, device, ddp, rank, world_size, autocast) -> dict:
     import dataset
     from dataloader import DataLoader
@@ -87,7 +81,7 @@ def run_bpb(model, tokenizer, args, meta, device, ddp, rank, world_size, autocas
     B = args.device_batch_size
     split_tokens = args.split_tokens or default_eval_tokens(device.type)
     steps = max(1, split_tokens // (B * T * world_size))  # at least one batch
-    source = args.data or _data_source(meta)
+    source = args.data or meta.get("source") or "fineweb-edu"  # base_train records its source in meta
     if rank == 0:
         dataset.ensure_source(source)  # builds stdlib-docs / dir: shards on first use
     if ddp:
@@ -103,12 +97,6 @@ def run_bpb(model, tokenizer, args, meta, device, ddp, rank, world_size, autocas
         print0(f"{split} bpb: {out[split]:.4f} ({steps * B * T * world_size:,} tokens of {source}, "
                f"{format_seconds(time.perf_counter() - t0)})")
     return out
-
-
-def run_samples(model, tokenizer, device, autocast, max_tokens=16) -> list[str]:
-    with autocast:
-        return [sample_greedy(model, tokenizer, prompt, max_tokens, device, model.config.sequence_len)
-                for prompt in SAMPLE_PROMPTS]
 
 
 # ---------------------------------------------------------------------------
@@ -178,7 +166,7 @@ def main(argv=None):
                     dist.barrier()
                 bundle = core_eval.ensure_bundle()
             t0 = time.perf_counter()
-            with autocast:  # whole prompts: the model's rotary tables grow to any length (max_len None)
+            with autocast:
                 results, summary = core_eval.run_core(model, tokenizer, bundle, device, args.max_per_task,
                                                       rank, world_size)
             n_tasks = len(results)
@@ -196,7 +184,9 @@ def main(argv=None):
             bpb = run_bpb(model, tokenizer, args, meta, device, ddp, rank, world_size, autocast)
 
         if "sample" in args.evals and rank == 0:
-            samples = run_samples(model, tokenizer, device, autocast)
+            with autocast:
+                samples = [sample_greedy(model, tokenizer, prompt, 16, device, model.config.sequence_len)
+                           for prompt in SAMPLE_PROMPTS]
             for s in samples:
                 print0(f"  {s!r}")
 

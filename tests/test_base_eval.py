@@ -160,21 +160,19 @@ def test_scored_tokens_with_a_real_bpe(real):
 @pytest.mark.parametrize("label", ["copa", "arc_easy", "boolq", "winograd", "winogrande", "lambada_openai",
                                    "jeopardy", "bigbench_dyck_languages", "bigbench_language_identification"])
 def test_oracle_scores_one_on_real_rows_and_uniform_scores_first_option_rate(real, label):
-    """Every task type, few-shot and left-cropped prompts included (max_len 192)."""
+    """Every task type, few-shot prompts included."""
     tasks, data = real
-    task, max_len, k, tok = tasks[label], 192, 6, FakeTokenizer()
+    task, k, tok = tasks[label], 6, FakeTokenizer()
     rows = core_eval.task_rows(data[label], k)
     golds, first_is_gold = [], 0
     for idx in range(k):
         options, gold = core_eval.render_item(task, rows, idx)
-        seqs, _ = core_eval.tokenize_item(tok, task["type"], options, 0, max_len)
-        assert max(len(s) for s in seqs) <= max_len
+        seqs, _ = core_eval.tokenize_item(tok, task["type"], options, 0)
         golds.append(seqs[gold])
         first_is_gold += gold == 0 and task["type"] != "language_modeling"
     V = len(tok.vocab) + 1
-    assert core_eval.evaluate_task(oracle_model(golds, V), tok, task, data[label], "cpu", k, max_len=max_len) == (k, k)
-    assert core_eval.evaluate_task(marker_model(vocab_size=V), tok, task, data[label], "cpu", k, max_len=max_len) \
-        == (first_is_gold, k)
+    assert core_eval.evaluate_task(oracle_model(golds, V), tok, task, data[label], "cpu", k) == (k, k)
+    assert core_eval.evaluate_task(marker_model(vocab_size=V), tok, task, data[label], "cpu", k) == (first_is_gold, k)
 
 
 @pytest.mark.skipif(not (RAW / "hellaswag_val_full.txt.bz2").exists(), reason=f"no raw HellaSwag/SQuAD in {RAW}")
@@ -204,17 +202,13 @@ def test_scored_tokens_skip_shared_leading_words_and_take_shared_trailing_contex
     assert scored("language_modeling", [("The country of Novosibirsk is", " Russia")]) == [" Russia"]
 
 
-def test_long_prompts_go_in_whole_and_are_cropped_from_the_left_only_past_max_len():
+def test_long_prompts_go_in_whole():
     tok = FakeTokenizer()
     words = ["w" + "".join(chr(97 + i // 26**p % 26) for p in range(3)) for i in range(3000)]  # one token each
     options = [(" ".join(words) + " ", "final answer"), (" ".join(words) + " ", "other")]
     seqs, _ = core_eval.tokenize_item(tok, "multiple_choice", options, 0)
     assert [len(s) for s in seqs] == [3003, 3002] and seqs[0][0] == 0  # BOS + 3000 words + the option
-    seqs, starts = core_eval.tokenize_item(tok, "multiple_choice", options, 0, max_len=10)
-    assert [tok.decode(s) for s in seqs] == [" " + " ".join(words[-8:]) + " final answer",  # the last 10 tokens
-                                             " " + " ".join(words[-9:]) + " other"]
-    assert [tok.decode(s[st:]) for s, st in zip(seqs, starts)] == [" final answer", " other"]
-    lengths = []  # our GPT takes the whole prompt: evaluate_task feeds all of it without a max_len
+    lengths = []  # our GPT takes the whole prompt (its rotary tables grow): no cut anywhere
     core_eval.evaluate_task(lambda ids: lengths.append(ids.shape[1]) or torch.zeros(*ids.shape, 4096), tok,
                             mc_task(1)[0], [{"query": " ".join(words), "choices": ["a", "b"], "gold": 0}], "cpu")
     assert lengths == [3002]
