@@ -226,11 +226,12 @@ class GPT(nn.Module):
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.pos
         assert kv_cache is None or kv_cache.batch_size == B
-        self._cover_rotary(t0 + T, idx.device)
+        if t0 + T > self.cos.size(1) or self.cos.device != idx.device:  # grow the rotary tables on demand
+            self._set_rotary(max(2 * (t0 + T), self.cos.size(1)), device=idx.device)
         q_pos = None if kv_cache is None else torch.arange(t0, t0 + T, device=idx.device)
         x = self._trunk(idx, kv_cache, q_pos, static=False)
         if kv_cache is not None:
-            kv_cache.advance(T)
+            kv_cache.pos += T
         if targets is None:
             if positions is not None:
                 return self._logits(x[torch.arange(B, device=x.device), positions.to(x.device)])
@@ -277,11 +278,6 @@ class GPT(nn.Module):
             kv_cache.prev.copy_(e[:, -1:])
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(e[..., :self.smear_gate.in_features]))
         return e + gate * before
-
-    def _cover_rotary(self, end, device):
-        """Make the rotary tables cover positions 0 .. end - 1 on `device`."""
-        if end > self.cos.size(1) or self.cos.device != device:
-            self._set_rotary(max(2 * end, self.cos.size(1)), device=device)
 
     def _logits(self, x):
         """float32 soft-capped logits over the real vocab for final-normed x (..., n_embd)."""
