@@ -353,43 +353,32 @@ def test_bundle_downloads_once_and_unzips_atomically(tmp_path, monkeypatch, base
 
 @pytest.mark.slow  # builds a real (tiny) GPT: the first model import pays for torch's lazy imports
 def test_main_end_to_end_on_a_tiny_model(tmp_path, base_dir, capsys):
-    """A random ~30k-parameter GPT through the whole CLI: CORE on a synthetic bundle, bpb, samples,
-    the report section."""
-    from dataclasses import asdict
-
-    import checkpoint
-    from model import GPT, config_from_depth
-    from tokenizer import Tokenizer, save_token_bytes
+    """A random tiny GPT (bytes-only tokens) through the whole CLI: CORE on a synthetic bundle, bpb,
+    samples, the report section."""
+    from test_checkpoint import save_gpt
 
     with pytest.raises(UserError):
         base_eval.main(["--device", "cpu", "--eval", "sample"])  # no checkpoint yet
-    tok = Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: no BPE training needed
-    tok.save(base_dir / "tokenizer")
-    save_token_bytes(tok, base_dir / "tokenizer")
-    config = config_from_depth(1, tok.get_vocab_size(), sequence_len=64, aspect_ratio=32, head_dim=16)
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.init_weights()
     texts = tmp_path / "texts"
     texts.mkdir()
     for i in range(40):
         (texts / f"{i}.txt").write_text(f"Document {i}. " + "Some words about nothing in particular. " * 20)
-    checkpoint.save_checkpoint("base", "d1", 3, model, None, {"model_config": asdict(config), "source": f"dir:{texts}"})
+    save_gpt(base_dir, source=f"dir:{texts}")
 
     bundle = make_bundle(tmp_path / "bundle")
     base_eval.main(["--device", "cpu", "--bundle", str(bundle), "--split-tokens", "256", "--device-batch-size", "2"])
     out = capsys.readouterr().out
     assert "CORE: " in out and "PARTIAL" in out and "val bpb" in out
-    accuracies, stated = core_eval.read_results_csv(base_dir / "base_eval" / "core_d1_3.csv")
+    accuracies, stated = core_eval.read_results_csv(base_dir / "base_eval" / "core_d2_5.csv")
     assert set(accuracies) == {"mc", "lm"} and stated is not None
     data = json.loads((base_dir / "report" / "base-eval.json").read_text())
-    assert data["step"] == 3 and data["tag"] == "d1" and data["missing_tasks"] == ["gone"]
+    assert data["step"] == 5 and data["tag"] == "d2" and data["missing_tasks"] == ["gone"]
     assert data["results"]["mc"]["n"] == 8 and data["results"]["lm"]["n"] == 6
     assert data["core"] == pytest.approx((data["results"]["mc"]["centered"] + data["results"]["lm"]["centered"]) / 2)
-    # bytes-only tokens (1 byte each) and lm_head ~ N(0, 0.001) at init: near-uniform logits over the
-    # 265-token vocab, so the loss is ~ln(265) nats per token = log2(265) ~ 8.05 bits per byte
+    # bytes-only tokens (1 byte each) and a near-zero lm_head: near-uniform logits over the 265-token
+    # vocab, so the loss is ~ln(265) nats per token = log2(265) ~ 8.05 bits per byte
     for split in ("train", "val"):
-        assert data["bpb"][split] == pytest.approx(math.log2(tok.get_vocab_size()), rel=0.02), split
+        assert data["bpb"][split] == pytest.approx(math.log2(265), rel=0.02), split
     assert len(data["samples"]) == len(base_eval.SAMPLE_PROMPTS)
     assert data["samples"][0].startswith("The capital of France is")
     text = (base_dir / "report" / "base-eval.md").read_text()
