@@ -114,15 +114,15 @@ def core_table(results) -> str:
     return "\n".join(lines)
 
 
-def write_report(args, tag, step, results, summary, bpb, samples, n_tasks, references=None):
+def write_report(args, tag, step, results, summary, bpb, samples, references):
     section = {"model": f"{args.source}/{tag} step {step}", "source": args.source, "tag": tag, "step": step,
                "max_per_task": None if args.max_per_task < 0 else args.max_per_task}
     text = []
     if results is not None:
-        section["CORE"] = core_eval.core_line(summary, n_tasks).removeprefix("CORE: ")
+        section["CORE"] = core_eval.core_line(summary, len(results)).removeprefix("CORE: ")
         section.update(core=summary["core"], core_se=summary["core_se"], core_partial=summary["partial"],
                        core_tasks=summary["tasks"], missing_tasks=summary["missing"], results=results)
-        for name, core in (references or {}).items():
+        for name, core in references.items():
             section[f"{name} CORE, same tasks (reference)"] = core
         text.append(core_table(results))
     if bpb is not None:
@@ -154,7 +154,6 @@ def main(argv=None):
         autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
             else nullcontext()
         results = summary = bpb = samples = references = None
-        n_tasks = 0
 
         if "core" in args.evals:
             if args.bundle:
@@ -169,7 +168,6 @@ def main(argv=None):
             with autocast:
                 results, summary = core_eval.run_core(model, tokenizer, bundle, device, args.max_per_task,
                                                       rank, world_size)
-            n_tasks = len(results)
             references = core_eval.reference_cores(bundle, summary["tasks"]) if summary["tasks"] else {}
             for name, core in references.items():
                 print0(f"reference {name}: CORE {core:.4f} on the same {summary['n_tasks']} tasks")
@@ -192,7 +190,7 @@ def main(argv=None):
 
         if rank == 0:
             if args.source == "base":
-                write_report(args, tag, step, results, summary, bpb, samples, n_tasks, references)
+                write_report(args, tag, step, results, summary, bpb, samples, references)
             else:  # the "base-eval" report section belongs to the base model
                 print0(f"not writing the base-eval report section for a {args.source} checkpoint")
     finally:
