@@ -47,28 +47,12 @@ class _Pending:
         self.then()
 
 
-_reduce_scatter_works = True  # set False once the backend says it lacks reduce_scatter
-
-
 def reduce_scatter_mean(output, input):
     """Start averaging `input` over ranks, leaving this rank's dim-0 chunk in `output`.
-    Returns a handle; call .wait() before reading `output`. `input` may be overwritten.
-
-    Gloo in older torch has no reduce_scatter: there we all-reduce the whole tensor and keep
-    our chunk (more traffic, same result). We sum and divide rather than use ReduceOp.AVG,
-    which older gloo also lacks."""
-    global _reduce_scatter_works
-    rank, world = dist_rank_world()
-    if _reduce_scatter_works:
-        try:
-            work = dist.reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, async_op=True)
-            return _Pending(work, lambda: output.div_(world), input)
-        except (RuntimeError, NotImplementedError):
-            if dist.get_backend() != "gloo":
-                raise
-            _reduce_scatter_works = False
-    work = dist.all_reduce(input, op=dist.ReduceOp.SUM, async_op=True)
-    return _Pending(work, lambda: output.copy_(input.chunk(world)[rank]).div_(world), input)
+    Returns a handle; call .wait() before reading `output`. We sum and divide rather than use
+    ReduceOp.AVG, which older gloo lacks."""
+    work = dist.reduce_scatter_tensor(output, input, async_op=True)
+    return _Pending(work, lambda: output.div_(dist.get_world_size()), input)
 
 
 def _grad(p):
