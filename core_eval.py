@@ -303,14 +303,11 @@ def core_summary(results: dict) -> dict:
     core_se = sqrt(sum of centered se^2) / n_tasks (the tasks are independent samples)."""
     done = {k: r for k, r in results.items() if not r.get("missing")}
     missing = [k for k, r in results.items() if r.get("missing")]
-    approximate = [k for k, r in done.items() if r.get("converted")]
-    if not done:
-        return dict(core=None, core_se=None, n_tasks=0, tasks=[], missing=missing, partial=True, approximate=[])
     n = len(done)
-    core = sum(r["centered"] for r in done.values()) / n
-    core_se = math.sqrt(sum(r["centered_se"] ** 2 for r in done.values())) / n
-    return dict(core=core, core_se=core_se, n_tasks=n, tasks=list(done), missing=missing, partial=bool(missing),
-                approximate=approximate)
+    core = sum(r["centered"] for r in done.values()) / n if n else None
+    core_se = math.sqrt(sum(r["centered_se"] ** 2 for r in done.values())) / n if n else None
+    return dict(core=core, core_se=core_se, n_tasks=n, tasks=list(done), missing=missing,
+                partial=bool(missing) or not n, approximate=[k for k, r in done.items() if r.get("converted")])
 
 
 def core_line(summary: dict, total_tasks: int) -> str:
