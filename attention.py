@@ -115,9 +115,6 @@ class KVCache:
         self.v.index_put_(index, v.to(self.v.dtype))
         return self.k[layer], self.v[layer]
 
-    def advance(self, t):
-        self.pos += t
-
     def _grow(self, needed):
         length = max(needed, 2 * self.seq_len)
         for name in ("k", "v"):

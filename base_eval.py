@@ -72,12 +72,6 @@ def parse_args(argv=None):
 # Bits per byte and samples (the same functions base_train uses during training)
 
 
-def _data_source(meta) -> str:
-    """The pretraining source the checkpoint was trained on (base_train records it in meta)."""
-    source = meta.get("source") or (meta.get("train_config") or {}).get("source")
-    return source if isinstance(source, str) and source else "fineweb-edu"
-
-
 def run_bpb(model, tokenizer, args, meta, device, ddp, rank, world_size, autocast) -> dict:
     import dataset
     from dataloader import DataLoader
@@ -87,7 +81,7 @@ def run_bpb(model, tokenizer, args, meta, device, ddp, rank, world_size, autocas
     B = args.device_batch_size
     split_tokens = args.split_tokens or default_eval_tokens(device.type)
     steps = max(1, split_tokens // (B * T * world_size))  # at least one batch
-    source = args.data or _data_source(meta)
+    source = args.data or meta.get("source") or "fineweb-edu"  # base_train records its source in meta
     if rank == 0:
         dataset.ensure_source(source)  # builds stdlib-docs / dir: shards on first use
     if ddp:
@@ -105,12 +99,6 @@ def run_bpb(model, tokenizer, args, meta, device, ddp, rank, world_size, autocas
     return out
 
 
-def run_samples(model, tokenizer, device, autocast, max_tokens=16) -> list[str]:
-    with autocast:
-        return [sample_greedy(model, tokenizer, prompt, max_tokens, device, model.config.sequence_len)
-                for prompt in SAMPLE_PROMPTS]
-
-
 # ---------------------------------------------------------------------------
 # Report
 
@@ -126,15 +114,15 @@ def core_table(results) -> str:
     return "\n".join(lines)
 
 
-def write_report(args, tag, step, results, summary, bpb, samples, n_tasks, references=None):
+def write_report(args, tag, step, results, summary, bpb, samples, references):
     section = {"model": f"{args.source}/{tag} step {step}", "source": args.source, "tag": tag, "step": step,
                "max_per_task": None if args.max_per_task < 0 else args.max_per_task}
     text = []
     if results is not None:
-        section["CORE"] = core_eval.core_line(summary, n_tasks).removeprefix("CORE: ")
+        section["CORE"] = core_eval.core_line(summary, len(results)).removeprefix("CORE: ")
         section.update(core=summary["core"], core_se=summary["core_se"], core_partial=summary["partial"],
                        core_tasks=summary["tasks"], missing_tasks=summary["missing"], results=results)
-        for name, core in (references or {}).items():
+        for name, core in references.items():
             section[f"{name} CORE, same tasks (reference)"] = core
         text.append(core_table(results))
     if bpb is not None:
@@ -166,7 +154,6 @@ def main(argv=None):
         autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
             else nullcontext()
         results = summary = bpb = samples = references = None
-        n_tasks = 0
 
         if "core" in args.evals:
             if args.bundle:
@@ -178,10 +165,9 @@ def main(argv=None):
                     dist.barrier()
                 bundle = core_eval.ensure_bundle()
             t0 = time.perf_counter()
-            with autocast:  # whole prompts: the model's rotary tables grow to any length (max_len None)
+            with autocast:
                 results, summary = core_eval.run_core(model, tokenizer, bundle, device, args.max_per_task,
                                                       rank, world_size)
-            n_tasks = len(results)
             references = core_eval.reference_cores(bundle, summary["tasks"]) if summary["tasks"] else {}
             for name, core in references.items():
                 print0(f"reference {name}: CORE {core:.4f} on the same {summary['n_tasks']} tasks")
@@ -196,13 +182,15 @@ def main(argv=None):
             bpb = run_bpb(model, tokenizer, args, meta, device, ddp, rank, world_size, autocast)
 
         if "sample" in args.evals and rank == 0:
-            samples = run_samples(model, tokenizer, device, autocast)
+            with autocast:
+                samples = [sample_greedy(model, tokenizer, prompt, 16, device, model.config.sequence_len)
+                           for prompt in SAMPLE_PROMPTS]
             for s in samples:
                 print0(f"  {s!r}")
 
         if rank == 0:
             if args.source == "base":
-                write_report(args, tag, step, results, summary, bpb, samples, n_tasks, references)
+                write_report(args, tag, step, results, summary, bpb, samples, references)
             else:  # the "base-eval" report section belongs to the base model
                 print0(f"not writing the base-eval report section for a {args.source} checkpoint")
     finally:

@@ -3,24 +3,16 @@
     python -m chat_sft                                                   # one GPU (or CPU, slowly)
     torchrun --standalone --nproc_per_node=8 -m chat_sft
 
-It starts from the latest mid checkpoint (--source base to skip mid-training) and trains on
-conversations chosen by --preset:
-  full     ARC-Easy and ARC-Challenge (train), GSM8K (train), 10k SmolTalk conversations,
-           identity, and a few hundred SimpleSpelling / SpellingBee; local copies via
-           --arc-path, --gsm8k-path, --smoltalk-path
-  offline  generated tasks only: identity, spelling, arithmetic with the calculator tool
-(default: full on CUDA, offline otherwise). --chat-data PATH[:WEIGHT] adds your own conversations.
+It starts from the latest mid checkpoint (--source base to skip mid-training) and trains on the
+conversations of sft_tasks: --preset full (ARC, GSM8K, 10k SmolTalk, identity, spelling) or
+offline (generated tasks only; the default without CUDA). --chat-data PATH[:WEIGHT] adds your own.
 
 Unlike mid-training, each row holds ONE conversation (--packing pad, the default): rows are
 padded to the longest in the micro-batch, padding and every non-assistant token get target -1,
 so the loss is on the completions only (averaged over the supervised tokens of the whole step;
 a micro-batch with nothing to learn adds nothing instead of a NaN). --packing pack fills rows
-with several conversations the way mid_train does.
-
---examples-per-step rows make one optimizer step, by gradient accumulation over
---device-batch-size rows per process. The learning rate starts at --init-lr-frac (2%) of the
-flags' rates and decays linearly to 0 over the run (--warmdown-ratio 1). Checkpoints go to
-$SPEEDCHAT_BASE_DIR/checkpoints/sft/<tag>/; --resume continues where the last one left off.
+with several conversations the way mid_train does. The learning rate starts at 2% of the flags'
+rates and decays linearly to 0 over the run.
 """
 
 import argparse

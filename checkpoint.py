@@ -81,14 +81,6 @@ def find_last_tag(stage) -> str | None:
     return max(tags, key=lambda d: d.stat().st_mtime).name if tags else None
 
 
-def _missing(stage, where):
-    old = next(Path(where).rglob("model_*.pt"), None) if Path(where).is_dir() else None
-    if old is not None:
-        return UserError(f"{old.parent} holds checkpoints in the old pickle format, which can run code when loaded: "
-                         f"convert them once with `python -m checkpoint --convert {old.parent}`")
-    return UserError(f"no {stage} checkpoint under {where}: run `python -m {STAGE_SCRIPTS[stage]}` first")
-
-
 def clean_state_dict(state_dict) -> dict:
     """Drop the prefixes that torch.compile ("_orig_mod.") and DDP ("module.") add to keys."""
     return {re.sub(r"^(?:_orig_mod\.|module\.)+", "", k): v for k, v in state_dict.items()}
@@ -201,7 +193,11 @@ def resolve(stage, tag=None, step=None) -> tuple[str, int]:
     directory = checkpoint_dir(stage, tag) if tag else get_base_dir() / "checkpoints" / stage
     steps = list_steps(directory) if tag else []
     if not steps:
-        raise _missing(stage, directory)
+        old = next(directory.rglob("model_*.pt"), None) if directory.is_dir() else None
+        if old is not None:
+            raise UserError(f"{old.parent} holds checkpoints in the old pickle format, which can run code when "
+                            f"loaded: convert them once with `python -m checkpoint --convert {old.parent}`")
+        raise UserError(f"no {stage} checkpoint under {directory}: run `python -m {STAGE_SCRIPTS[stage]}` first")
     if step is not None and step not in steps:
         raise UserError(f"no complete checkpoint for step {step} in {directory} (have steps {steps})")
     return tag, steps[-1] if step is None else step
@@ -256,7 +252,6 @@ def load_model(stage, device, tag=None, step=None, phase="eval"):
     (or the given) checkpoint of `stage`. phase "eval" or "train" sets the model's mode."""
     from tokenizer import get_tokenizer
 
-    assert phase in ("eval", "train"), phase
     model_state, _, meta = load_checkpoint(stage, tag, step, device)
     model = build_model(meta, device, model_state)
     model.train(phase == "train")

@@ -198,9 +198,10 @@ def common_prefix_length(seqs) -> int:
     return next((i for i, column in enumerate(zip(*seqs)) if len(set(column)) > 1), min(map(len, seqs)))
 
 
-def tokenize_item(tokenizer, task_type, options, bos, max_len=None) -> tuple[list[list[int]], list[int]]:
+def tokenize_item(tokenizer, task_type, options, bos) -> tuple[list[list[int]], list[int]]:
     """Token ids of each option's whole prompt (BOS first) and the index of its first scored token.
-    Prompts longer than max_len keep their last max_len tokens (None: the model takes any length)."""
+    The whole prompt: the reference crops from the left only for a model that cannot take the
+    length, and ours grows its rotary tables on demand."""
     # one string at a time: a batch call spins up a thread pool, too costly for a few short prompts
     seqs = [tokenizer.encode(ctx + cont, prepend=bos) for ctx, cont in options]
     if task_type == "multiple_choice":
@@ -214,15 +215,7 @@ def tokenize_item(tokenizer, task_type, options, bos, max_len=None) -> tuple[lis
         starts = [len(s) - shared for s in seqs]
     else:  # the continuation is what follows the context's tokens (a merge across the boundary counts)
         starts = [common_prefix_length([seqs[0], tokenizer.encode(options[0][0], prepend=bos)])]
-    starts = [min(st, len(s) - 1) for s, st in zip(seqs, starts)]  # at least one token scored
-    if max_len is not None:
-        # The reference feeds its own models the whole prompt (their rotary tables cover it) and
-        # crops from the left, keeping the last tokens, only for a model that cannot take the
-        # length: a cut at the training context would change decisions the published figures made.
-        cuts = [max(0, len(s) - max_len) for s in seqs]
-        seqs = [s[cut:] for s, cut in zip(seqs, cuts)]
-        starts = [max(1, st - cut) for st, cut in zip(starts, cuts)]
-    return seqs, starts
+    return seqs, [min(st, len(s) - 1) for s, st in zip(seqs, starts)]  # at least one token scored
 
 
 # ---------------------------------------------------------------------------
@@ -264,10 +257,9 @@ def score_item(model, seqs, starts, gold, task_type, device, pad_id):
 
 
 def evaluate_task(model, tokenizer, task, data, device, max_per_task=None, rank=0, world_size=1,
-                  max_len=None, progress=False) -> tuple[int, int]:
+                  progress=False) -> tuple[int, int]:
     """(correct, evaluated) over all ranks for the task's rows `data` (in file order). Rank r
-    takes items r, r + world_size, ... of task_rows(). max_len: the longest sequence the model
-    can take, None for ours (model.py grows its rotary tables on demand), e.g. 1024 for GPT-2."""
+    takes items r, r + world_size, ... of task_rows()."""
     device = torch.device(device)
     bos = tokenizer.get_bos_token_id()
     rows = task_rows(data, max_per_task)
@@ -280,7 +272,7 @@ def evaluate_task(model, tokenizer, task, data, device, max_per_task=None, rank=
     with torch.no_grad():
         for idx in mine:
             options, gold = render_item(task, rows, idx)
-            seqs, starts = tokenize_item(tokenizer, task["type"], options, bos, max_len)
+            seqs, starts = tokenize_item(tokenizer, task["type"], options, bos)
             results.append(score_item(model, seqs, starts, gold, task["type"], device, bos))
     correct = torch.stack(results).sum() if results else torch.zeros((), device=device, dtype=torch.long)
     totals = torch.stack([correct.long(), torch.tensor(len(results), device=device)])
@@ -294,17 +286,13 @@ def evaluate_task(model, tokenizer, task, data, device, max_per_task=None, rank=
 # Statistics
 
 
-def binomial_se(p, n) -> float:
-    return math.sqrt(p * (1 - p) / n) if n > 0 else float("nan")
-
-
 def centered(accuracy, baseline) -> float:
     return (accuracy - baseline) / (1 - baseline)
 
 
 def task_result(task, correct, count) -> dict:
     acc = correct / count if count else float("nan")
-    se = binomial_se(acc, count)
+    se = math.sqrt(acc * (1 - acc) / count) if count else float("nan")
     return dict(type=task["type"], num_fewshot=task["num_fewshot"], baseline=task["baseline"], n=count,
                 correct=correct, accuracy=acc, accuracy_se=se,
                 centered=centered(acc, task["baseline"]), centered_se=se / (1 - task["baseline"]))
@@ -315,14 +303,11 @@ def core_summary(results: dict) -> dict:
     core_se = sqrt(sum of centered se^2) / n_tasks (the tasks are independent samples)."""
     done = {k: r for k, r in results.items() if not r.get("missing")}
     missing = [k for k, r in results.items() if r.get("missing")]
-    approximate = [k for k, r in done.items() if r.get("converted")]
-    if not done:
-        return dict(core=None, core_se=None, n_tasks=0, tasks=[], missing=missing, partial=True, approximate=[])
     n = len(done)
-    core = sum(r["centered"] for r in done.values()) / n
-    core_se = math.sqrt(sum(r["centered_se"] ** 2 for r in done.values())) / n
-    return dict(core=core, core_se=core_se, n_tasks=n, tasks=list(done), missing=missing, partial=bool(missing),
-                approximate=approximate)
+    core = sum(r["centered"] for r in done.values()) / n if n else None
+    core_se = math.sqrt(sum(r["centered_se"] ** 2 for r in done.values())) / n if n else None
+    return dict(core=core, core_se=core_se, n_tasks=n, tasks=list(done), missing=missing,
+                partial=bool(missing) or not n, approximate=[k for k, r in done.items() if r.get("converted")])
 
 
 def core_line(summary: dict, total_tasks: int) -> str:
@@ -339,10 +324,9 @@ def core_line(summary: dict, total_tasks: int) -> str:
     return line
 
 
-def run_core(model, tokenizer, bundle_dir, device, max_per_task=None, rank=0, world_size=1, max_len=None,
+def run_core(model, tokenizer, bundle_dir, device, max_per_task=None, rank=0, world_size=1,
              progress=True) -> tuple[dict, dict]:
-    """Evaluate every task of the bundle: (results per task label, core_summary). max_per_task and
-    max_len as in evaluate_task."""
+    """Evaluate every task of the bundle: (results per task label, core_summary)."""
     tasks = load_bundle(bundle_dir)
     results = {}
     for task in tasks:
@@ -353,7 +337,7 @@ def run_core(model, tokenizer, bundle_dir, device, max_per_task=None, rank=0, wo
             continue
         t0 = time.perf_counter()
         correct, count = evaluate_task(model, tokenizer, task, data, device, max_per_task, rank, world_size,
-                                       max_len, progress=progress and rank == 0)
+                                       progress=progress and rank == 0)
         r = results[task["label"]] = task_result(task, correct, count)
         r["converted"] = data[0].get("converted") if data else None  # the raw file it was converted from
         print0(f"{task['label']:<34} acc {r['accuracy']:.4f} ± {r['accuracy_se']:.4f}  centered "
@@ -413,10 +397,10 @@ def reference_cores(bundle_dir, tasks=None) -> dict[str, float]:
 # Download: once, into $SPEEDCHAT_BASE_DIR/eval_bundle
 
 
-def ensure_bundle(base_dir=None) -> Path:
+def ensure_bundle() -> Path:
     """The eval bundle folder, downloading and unzipping it on first use (atomically: a folder
     named eval_bundle is always complete). URL from $SPEEDCHAT_EVAL_BUNDLE_URL if set."""
-    base = Path(base_dir) if base_dir else get_base_dir()
+    base = get_base_dir()
     dest = base / "eval_bundle"
     if (dest / "core.yaml").exists():
         return dest
@@ -435,12 +419,13 @@ def ensure_bundle(base_dir=None) -> Path:
         try:
             with zipfile.ZipFile(zip_path) as zf:
                 zf.extractall(unzipped)
+            found = sorted(unzipped.rglob("core.yaml"), key=lambda p: len(p.parts))
         except zipfile.BadZipFile:
-            zip_path.unlink(missing_ok=True)
-            raise UserError(f"{url} did not give a zip file: check the address (${BUNDLE_URL_ENV}) and retry")
-        found = sorted(unzipped.rglob("core.yaml"), key=lambda p: len(p.parts))
+            found = []
         if not found:
-            raise UserError(f"the zip from {url} has no core.yaml: it is not a CORE eval bundle")
+            zip_path.unlink(missing_ok=True)
+            raise UserError(f"{url} did not give a CORE eval bundle (a zip with core.yaml): check the address "
+                            f"(${BUNDLE_URL_ENV}) and retry")
         if dest.exists():  # an incomplete folder from someone else's hand: replace it
             shutil.rmtree(dest)
         os.replace(found[0].parent, dest)

@@ -3,11 +3,7 @@
     python -m export --source sft --out my-model         # then: huggingface-cli upload NAME my-model
     python -m export --source base --tag d24 --step 5568 --dtype float32 --out d24-base
 
-The folder loads with transformers (`pip install transformers safetensors`):
-
-    model = AutoModelForCausalLM.from_pretrained("my-model", trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained("my-model")
-
+The folder loads with transformers (`pip install transformers safetensors`; USAGE below).
 transformers' own `nanochat` model type ports nanochat's late-2025 architecture; ours has grown past it
 (value embeddings, sliding windows, per-layer scalars, smear, backout), so the folder carries its
 modeling code instead: hf_modeling.py, a thin wrapper around a copy of this project's model.py. What

@@ -36,19 +36,13 @@ def to_fp8(t, dtype):
     return t_fp8, amax / fmax
 
 
-def is_row_major(t):
-    return t.stride(1) == 1 and t.stride(0) >= t.size(1)
-
-
-def is_col_major(t):
-    return t.stride(0) == 1 and t.stride(1) >= t.size(0)
-
-
 def scaled_mm(a, b, inv_a, inv_b, out_dtype, fast_accum=False):
     """a @ b * inv_a * inv_b for fp8 a (M, K) row-major and b (K, N) column-major, K and N
     multiples of 16: what CUDA requires, asserted on every device so that the CPU tests catch a
     layout or size mistake too (the CPU kernel would accept it)."""
-    assert is_row_major(a) and is_col_major(b), ("layout", a.stride(), b.stride())
+    a_row_major = a.stride(1) == 1 and a.stride(0) >= a.size(1)
+    b_col_major = b.stride(0) == 1 and b.stride(1) >= b.size(0)
+    assert a_row_major and b_col_major, ("layout", a.stride(), b.stride())
     assert a.size(1) % DIM_MULTIPLE == b.size(0) % DIM_MULTIPLE == b.size(1) % DIM_MULTIPLE == 0, (a.shape, b.shape)
     return torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
@@ -97,11 +91,8 @@ class Float8Matmul(torch.autograd.Function):
 def fp8_linear(x, weight, bias=None):
     """F.linear(x, weight, bias) with the matmul in fp8. Output dtype: the autocast dtype when
     autocast is on (as F.linear would give), else x's dtype."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        out_dtype = torch.get_autocast_dtype(device_type)
-    else:
-        out_dtype = x.dtype
+    autocast = torch.is_autocast_enabled(x.device.type)
+    out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     y = Float8Matmul.apply(x.reshape(-1, x.size(-1)), weight, out_dtype)
     y = y.view(*x.shape[:-1], weight.size(0))
     return y if bias is None else y + bias.to(y.dtype)
@@ -118,21 +109,15 @@ class Float8Linear(nn.Linear):
         return super().extra_repr() + ", fp8=e4m3/e5m2 tensorwise"
 
 
-def convertible(module):
-    return (type(module) is nn.Linear and module.in_features % DIM_MULTIPLE == 0
-            and module.out_features % DIM_MULTIPLE == 0)
-
-
 def convert_to_fp8(model):
     """Make every nn.Linear in model.blocks (attention q/k/v/proj, MLP) whose dims are multiples
     of 16 a Float8Linear, in place; wte, the value embeddings, lm_head and the gates (12 or 24
     inputs, a rounding error of a matmul) stay as they are. Returns how many were
     converted. Only the modules' class changes: the Parameter objects are the same ones, so
     optimizers built before or after keep updating the right tensors. Call before torch.compile."""
-    model = getattr(model, "_orig_mod", model)  # a compiled model: convert the module inside
     count = 0
     for module in model.blocks.modules():
-        if convertible(module):
+        if type(module) is nn.Linear and module.in_features % DIM_MULTIPLE == module.out_features % DIM_MULTIPLE == 0:
             module.__class__ = Float8Linear
             count += 1
     return count
@@ -142,8 +127,6 @@ def fp8_supported(device):
     """(True, "") when fp8 matmuls run on `device`, else (False, why). CUDA needs compute
     capability 8.9+ (Ada, Hopper: H100 is 9.0); CPU works, slowly (for tests)."""
     device = torch.device(device)
-    if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
-        return False, f"torch {torch.__version__} has no float8 scaled matmul (torch._scaled_mm): upgrade torch"
     if device.type == "cuda":
         if torch.version.hip:
             return False, "ROCm GPUs use other fp8 formats (e4m3fnuz); this recipe is for NVIDIA GPUs"
@@ -158,5 +141,6 @@ def fp8_supported(device):
         one = torch.ones((), device=device)
         scaled_mm(a, a.t(), one, one, torch.float32)
     except (RuntimeError, NotImplementedError) as e:
-        return False, f"torch._scaled_mm does not run on {device} with torch {torch.__version__} ({str(e).splitlines()[0]})"
+        why = str(e).splitlines()[0]
+        return False, f"torch._scaled_mm does not run on {device} with torch {torch.__version__} ({why})"
     return True, ""

@@ -3,26 +3,15 @@
     python -m mid_train                                                   # one GPU (or CPU, slowly)
     torchrun --standalone --nproc_per_node=8 -m mid_train -- --device-batch-size 32
 
-It starts from the latest base checkpoint (--model-tag / --step pick another), keeps its model
-config, and trains on a mixture of conversations chosen by --preset:
-  full     SmolTalk, MMLU auxiliary_train, GSM8K (calculator tool calls), identity (twice),
-           SimpleSpelling and SpellingBee; downloaded once from the Hugging Face Hub, or read
-           from local copies given with --smoltalk-path, --mmlu-path, --gsm8k-path
-  offline  only generated tasks: identity, spelling (bundled word list or --words-path) and
-           arithmetic with the calculator tool; needs no network
-(default: full on CUDA, offline otherwise). --chat-data PATH[:WEIGHT] adds your own conversations.
+It starts from the latest base checkpoint, keeps its model config, and trains on a mixture of
+conversations (mid_tasks): --preset full (SmolTalk, MMLU auxiliary_train, GSM8K with calculator
+calls, identity, spelling; from the Hub or local copies) or offline (generated tasks only; the
+default without CUDA). --chat-data PATH[:WEIGHT] adds your own conversations.
 
-Rendered conversations are packed into full rows of --max-seq-len + 1 tokens by the pretraining
-packer (dataloader.ConversationLoader: each starts with <|bos|>, best fit from a buffer, the last
-one cropped to fill the row). Targets are -1 wherever the conversation's loss mask is 0 (user
-turns, tool outputs), so the loss is the assistant's tokens only, averaged over every supervised
-token of the optimizer step.
-
-The learning rate is --init-lr-frac times the flags' rates, constant, then decays linearly to
---final-lr-frac over the last --warmdown-ratio of training; Muon's momentum warms up as in
-pretraining. Training runs for --num-epochs over the mixture, or exactly --num-iterations steps.
-Checkpoints go to $SPEEDCHAT_BASE_DIR/checkpoints/mid/<tag>/; --resume continues where the last
-one left off (and refuses when the base checkpoint it started from has been retrained since).
+Conversations are packed into full rows by the pretraining packer (dataloader.ConversationLoader:
+best fit, the last one cropped to fill the row); targets are -1 where the loss mask is 0 (user
+turns, tool outputs), so the loss is the assistant's tokens, averaged over the step's supervised
+tokens. --resume refuses when the base checkpoint it started from has been retrained since.
 """
 
 import argparse

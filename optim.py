@@ -47,35 +47,12 @@ class _Pending:
         self.then()
 
 
-_reduce_scatter_works = True  # set False once the backend says it lacks reduce_scatter
-
-
 def reduce_scatter_mean(output, input):
     """Start averaging `input` over ranks, leaving this rank's dim-0 chunk in `output`.
-    Returns a handle; call .wait() before reading `output`. `input` may be overwritten.
-
-    Gloo in older torch has no reduce_scatter: there we all-reduce the whole tensor and keep
-    our chunk (more traffic, same result). We sum and divide rather than use ReduceOp.AVG,
-    which older gloo also lacks."""
-    global _reduce_scatter_works
-    rank, world = dist_rank_world()
-    if _reduce_scatter_works:
-        try:
-            work = dist.reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, async_op=True)
-            return _Pending(work, lambda: output.div_(world), input)
-        except (RuntimeError, NotImplementedError):
-            if dist.get_backend() != "gloo":
-                raise
-            _reduce_scatter_works = False
-    work = dist.all_reduce(input, op=dist.ReduceOp.SUM, async_op=True)
-    return _Pending(work, lambda: output.copy_(input.chunk(world)[rank]).div_(world), input)
-
-
-def all_reduce_mean(tensor):
-    """Start averaging `tensor` in place over ranks; returns a handle with .wait()."""
-    _, world = dist_rank_world()
-    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
-    return _Pending(work, lambda: tensor.div_(world), tensor)
+    Returns a handle; call .wait() before reading `output`. We sum and divide rather than use
+    ReduceOp.AVG, which older gloo lacks."""
+    work = dist.reduce_scatter_tensor(output, input, async_op=True)
+    return _Pending(work, lambda: output.div_(dist.get_world_size()), input)
 
 
 def _grad(p):
@@ -112,7 +89,8 @@ class DistAdamW(torch.optim.Optimizer):
                     pending = reduce_scatter_mean(g_part, g.contiguous())
                     jobs.append((group, p, p[rank * rows:(rank + 1) * rows], g_part, pending))
                 else:  # averaged in place: p.grad ends up holding the mean gradient
-                    jobs.append((group, p, p, g, all_reduce_mean(g)))
+                    pending = _Pending(dist.all_reduce(g, async_op=True), lambda g=g: g.div_(world), g)
+                    jobs.append((group, p, p, g, pending))
         # 2) update each part as its gradient lands; all-gather the sharded ones
         gathers = []
         for group, p, p_part, g_part, pending in jobs:
@@ -161,12 +139,11 @@ POLAR_EXPRESS = (
 )
 
 
-def orthogonalize(G, steps=5, coefficients=POLAR_EXPRESS):
+def orthogonalize(G, coefficients=POLAR_EXPRESS):
     """Push every matrix in G (..., rows, cols) towards U V^T of its SVD G = U S V^T (all singular
-    values to ~1) with `steps` odd quintics X <- aX + (bA + cA^2)X, A = XX^T, the (a, b, c) of
-    step i being coefficients[i]. Runs in bf16 on CUDA (tensor cores), in fp32 elsewhere (bf16
-    matmul on CPU is slow, and fp32 keeps the CPU tests exact)."""
-    assert steps <= len(coefficients)
+    values to ~1) with one odd quintic X <- aX + (bA + cA^2)X, A = XX^T, per (a, b, c) of
+    `coefficients`. Runs in bf16 on CUDA (tensor cores), in fp32 elsewhere (bf16 matmul on CPU is
+    slow, and fp32 keeps the CPU tests exact)."""
     X = G.bfloat16() if G.is_cuda else G.float()
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the smaller Gram matrix
@@ -174,7 +151,7 @@ def orthogonalize(G, steps=5, coefficients=POLAR_EXPRESS):
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= Frobenius norm < 1
     batched = X.dim() == 3
     X = X if batched else X.unsqueeze(0)
-    for a, b, c in coefficients[:steps]:  # baddbmm: the scale-and-add rides in the matmul's epilogue
+    for a, b, c in coefficients:  # baddbmm: the scale-and-add rides in the matmul's epilogue
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b * A + c * A @ A
         X = torch.baddbmm(X, B, X, beta=a)  # a * X + B @ X
@@ -193,15 +170,14 @@ class Muon(torch.optim.Optimizer):
     Params are split into one group per shape, so same-shape matrices are stacked and
     orthogonalised in one batched call, and sharded across ranks as whole matrices."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0):
         params = list(params)
         assert params and all(p.dim() == 2 for p in params), "Muon takes a non-empty list of 2-D parameters"
         by_shape = {}
         for p in params:
             by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
         groups = [dict(params=ps) for ps in by_shape.values()]
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
-        super().__init__(groups, defaults)
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self):
@@ -250,12 +226,9 @@ class Muon(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         gs = list(grads.unbind(0))
         torch._foreach_lerp_(bufs, gs, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * g
-        if group["nesterov"]:
-            torch._foreach_lerp_(gs, bufs, momentum)  # g = (1 - momentum) * g + momentum * buf
-        else:
-            torch._foreach_copy_(gs, bufs)
+        torch._foreach_lerp_(gs, bufs, momentum)  # Nesterov: g = (1 - momentum) * g + momentum * buf
         rows, cols = params[0].shape
-        update = orthogonalize(grads, group["ns_steps"]).to(params[0].dtype) * max(1.0, rows / cols) ** 0.5
+        update = orthogonalize(grads).to(params[0].dtype) * max(1.0, rows / cols) ** 0.5
         if wd:
             stacked = torch.stack(params)
             update.addcmul_(stacked, (update * stacked >= 0).to(update.dtype), value=wd)

@@ -160,21 +160,19 @@ def test_scored_tokens_with_a_real_bpe(real):
 @pytest.mark.parametrize("label", ["copa", "arc_easy", "boolq", "winograd", "winogrande", "lambada_openai",
                                    "jeopardy", "bigbench_dyck_languages", "bigbench_language_identification"])
 def test_oracle_scores_one_on_real_rows_and_uniform_scores_first_option_rate(real, label):
-    """Every task type, few-shot and left-cropped prompts included (max_len 192)."""
+    """Every task type, few-shot prompts included."""
     tasks, data = real
-    task, max_len, k, tok = tasks[label], 192, 6, FakeTokenizer()
+    task, k, tok = tasks[label], 6, FakeTokenizer()
     rows = core_eval.task_rows(data[label], k)
     golds, first_is_gold = [], 0
     for idx in range(k):
         options, gold = core_eval.render_item(task, rows, idx)
-        seqs, _ = core_eval.tokenize_item(tok, task["type"], options, 0, max_len)
-        assert max(len(s) for s in seqs) <= max_len
+        seqs, _ = core_eval.tokenize_item(tok, task["type"], options, 0)
         golds.append(seqs[gold])
         first_is_gold += gold == 0 and task["type"] != "language_modeling"
     V = len(tok.vocab) + 1
-    assert core_eval.evaluate_task(oracle_model(golds, V), tok, task, data[label], "cpu", k, max_len=max_len) == (k, k)
-    assert core_eval.evaluate_task(marker_model(vocab_size=V), tok, task, data[label], "cpu", k, max_len=max_len) \
-        == (first_is_gold, k)
+    assert core_eval.evaluate_task(oracle_model(golds, V), tok, task, data[label], "cpu", k) == (k, k)
+    assert core_eval.evaluate_task(marker_model(vocab_size=V), tok, task, data[label], "cpu", k) == (first_is_gold, k)
 
 
 @pytest.mark.skipif(not (RAW / "hellaswag_val_full.txt.bz2").exists(), reason=f"no raw HellaSwag/SQuAD in {RAW}")
@@ -204,17 +202,13 @@ def test_scored_tokens_skip_shared_leading_words_and_take_shared_trailing_contex
     assert scored("language_modeling", [("The country of Novosibirsk is", " Russia")]) == [" Russia"]
 
 
-def test_long_prompts_go_in_whole_and_are_cropped_from_the_left_only_past_max_len():
+def test_long_prompts_go_in_whole():
     tok = FakeTokenizer()
     words = ["w" + "".join(chr(97 + i // 26**p % 26) for p in range(3)) for i in range(3000)]  # one token each
     options = [(" ".join(words) + " ", "final answer"), (" ".join(words) + " ", "other")]
     seqs, _ = core_eval.tokenize_item(tok, "multiple_choice", options, 0)
     assert [len(s) for s in seqs] == [3003, 3002] and seqs[0][0] == 0  # BOS + 3000 words + the option
-    seqs, starts = core_eval.tokenize_item(tok, "multiple_choice", options, 0, max_len=10)
-    assert [tok.decode(s) for s in seqs] == [" " + " ".join(words[-8:]) + " final answer",  # the last 10 tokens
-                                             " " + " ".join(words[-9:]) + " other"]
-    assert [tok.decode(s[st:]) for s, st in zip(seqs, starts)] == [" final answer", " other"]
-    lengths = []  # our GPT takes the whole prompt: evaluate_task feeds all of it without a max_len
+    lengths = []  # our GPT takes the whole prompt (its rotary tables grow): no cut anywhere
     core_eval.evaluate_task(lambda ids: lengths.append(ids.shape[1]) or torch.zeros(*ids.shape, 4096), tok,
                             mc_task(1)[0], [{"query": " ".join(words), "choices": ["a", "b"], "gold": 0}], "cpu")
     assert lengths == [3002]
@@ -359,43 +353,32 @@ def test_bundle_downloads_once_and_unzips_atomically(tmp_path, monkeypatch, base
 
 @pytest.mark.slow  # builds a real (tiny) GPT: the first model import pays for torch's lazy imports
 def test_main_end_to_end_on_a_tiny_model(tmp_path, base_dir, capsys):
-    """A random ~30k-parameter GPT through the whole CLI: CORE on a synthetic bundle, bpb, samples,
-    the report section."""
-    from dataclasses import asdict
-
-    import checkpoint
-    from model import GPT, config_from_depth
-    from tokenizer import Tokenizer, save_token_bytes
+    """A random tiny GPT (bytes-only tokens) through the whole CLI: CORE on a synthetic bundle, bpb,
+    samples, the report section."""
+    from test_checkpoint import save_gpt
 
     with pytest.raises(UserError):
         base_eval.main(["--device", "cpu", "--eval", "sample"])  # no checkpoint yet
-    tok = Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: no BPE training needed
-    tok.save(base_dir / "tokenizer")
-    save_token_bytes(tok, base_dir / "tokenizer")
-    config = config_from_depth(1, tok.get_vocab_size(), sequence_len=64, aspect_ratio=32, head_dim=16)
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.init_weights()
     texts = tmp_path / "texts"
     texts.mkdir()
     for i in range(40):
         (texts / f"{i}.txt").write_text(f"Document {i}. " + "Some words about nothing in particular. " * 20)
-    checkpoint.save_checkpoint("base", "d1", 3, model, None, {"model_config": asdict(config), "source": f"dir:{texts}"})
+    save_gpt(base_dir, source=f"dir:{texts}")
 
     bundle = make_bundle(tmp_path / "bundle")
     base_eval.main(["--device", "cpu", "--bundle", str(bundle), "--split-tokens", "256", "--device-batch-size", "2"])
     out = capsys.readouterr().out
     assert "CORE: " in out and "PARTIAL" in out and "val bpb" in out
-    accuracies, stated = core_eval.read_results_csv(base_dir / "base_eval" / "core_d1_3.csv")
+    accuracies, stated = core_eval.read_results_csv(base_dir / "base_eval" / "core_d2_5.csv")
     assert set(accuracies) == {"mc", "lm"} and stated is not None
     data = json.loads((base_dir / "report" / "base-eval.json").read_text())
-    assert data["step"] == 3 and data["tag"] == "d1" and data["missing_tasks"] == ["gone"]
+    assert data["step"] == 5 and data["tag"] == "d2" and data["missing_tasks"] == ["gone"]
     assert data["results"]["mc"]["n"] == 8 and data["results"]["lm"]["n"] == 6
     assert data["core"] == pytest.approx((data["results"]["mc"]["centered"] + data["results"]["lm"]["centered"]) / 2)
-    # bytes-only tokens (1 byte each) and lm_head ~ N(0, 0.001) at init: near-uniform logits over the
-    # 265-token vocab, so the loss is ~ln(265) nats per token = log2(265) ~ 8.05 bits per byte
+    # bytes-only tokens (1 byte each) and a near-zero lm_head: near-uniform logits over the 265-token
+    # vocab, so the loss is ~ln(265) nats per token = log2(265) ~ 8.05 bits per byte
     for split in ("train", "val"):
-        assert data["bpb"][split] == pytest.approx(math.log2(tok.get_vocab_size()), rel=0.02), split
+        assert data["bpb"][split] == pytest.approx(math.log2(265), rel=0.02), split
     assert len(data["samples"]) == len(base_eval.SAMPLE_PROMPTS)
     assert data["samples"][0].startswith("The capital of France is")
     text = (base_dir / "report" / "base-eval.md").read_text()

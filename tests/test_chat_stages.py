@@ -54,12 +54,9 @@ def test_padded_rows_mask_padding_and_split_ranks(tokenizer):
 
 
 def tiny_model():
-    from model import GPT, GPTConfig
+    from test_model import make_model, tiny_config
 
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    model.init_weights()
-    return model
+    return make_model(tiny_config(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
 
 
 def micro_batches():

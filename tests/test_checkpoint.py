@@ -168,7 +168,8 @@ def test_keep_last_prune_and_clear(saved):
     assert list(directory.iterdir()) == []
 
 
-def save_gpt(base_dir, vocab_size=265):
+def save_gpt(base_dir, vocab_size=265, **meta):
+    """A bytes-only tokenizer and a tiny GPT with every weight non-zero, saved as base d2 step 5."""
     tok = Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: 256 + 9 specials = 265
     tok.save(base_dir / "tokenizer")
     save_token_bytes(tok, base_dir / "tokenizer")
@@ -178,7 +179,7 @@ def save_gpt(base_dir, vocab_size=265):
     with torch.no_grad():  # make the zero-initialised projections non-trivial
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    meta = {"model_config": asdict(model.config), "tokenizer": tok.fingerprint()}
+    meta = {"model_config": asdict(model.config), "tokenizer": tok.fingerprint(), **meta}
     checkpoint.save_checkpoint("base", "d2", 5, model, model.setup_optimizers(), meta)
     return model
 

@@ -10,8 +10,8 @@ import base_train
 import checkpoint
 import fp8
 from fp8 import Float8Linear, convert_to_fp8, fp8_linear, fp8_supported
-from model import GPT, config_from_depth
 from test_base_train import TINY  # the base_dir fixture (stdlib-docs shards + tokenizer) is in conftest.py
+from test_model import make_model, tiny_config
 
 pytestmark = pytest.mark.skipif(not fp8_supported("cpu")[0], reason=f"no CPU fp8: {fp8_supported('cpu')[1]}")
 
@@ -99,12 +99,9 @@ def test_fp8_supported_needs_compute_capability_8_9(monkeypatch):
 VOCAB = 256
 
 
-def tiny_gpt(seed=0, aspect_ratio=32, head_dim=16):
+def tiny_gpt(**overrides):
     """2 layers of width 64 (4 heads of 16): every block matrix is a multiple of 16."""
-    torch.manual_seed(seed)
-    model = GPT(config_from_depth(2, VOCAB, sequence_len=32, aspect_ratio=aspect_ratio, head_dim=head_dim))
-    model.init_weights()
-    return model
+    return make_model(tiny_config(**dict(sequence_len=32, vocab_size=VOCAB, n_kv_head=4) | overrides))
 
 
 def test_convert_to_fp8_swaps_the_block_linears_only():
@@ -120,7 +117,7 @@ def test_convert_to_fp8_swaps_the_block_linears_only():
     plain.load_state_dict(model.state_dict(), strict=True)  # an fp8 run's checkpoint loads into a plain GPT
     assert convert_to_fp8(model) == 0  # already converted
     # width 40 (5 heads of 8): no block matrix is a multiple of 16, nothing is converted
-    assert convert_to_fp8(tiny_gpt(aspect_ratio=20, head_dim=8)) == 0
+    assert convert_to_fp8(tiny_gpt(n_embd=40, n_head=5, n_kv_head=5)) == 0
 
 
 def train(model, optimizers, steps, x, y):
