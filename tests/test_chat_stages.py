@@ -190,7 +190,7 @@ def test_full_preset_mixture_from_local_copies(tmp_path):
     aux = tmp_path / "mmlu" / "auxiliary_train" / "race.csv"
     aux.parent.mkdir(parents=True)
     aux.write_text("".join(f"Question {i}?,a,b,c,d,{'ABCD'[i % 4]}\n" for i in range(300)))
-    paths = dict.fromkeys(["arc_path", "humaneval_path", "words_path", "identity_path"]) | {
+    paths = dict.fromkeys(["arc_path", "humaneval_path", "words_path", "identity_path"]) | {"chat_data": [],
         "smoltalk_path": str(SHARED_DATA / "chat" / "dummy_conversation.json"),
         "gsm8k_path": str(SHARED_DATA / "gsm8k" / "train.jsonl"), "mmlu_path": str(tmp_path / "mmlu")}
     names = [t.name for t in mid_train.mid_tasks("full", "train", paths)]
