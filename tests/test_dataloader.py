@@ -262,8 +262,10 @@ def test_many_epochs_roll_over(tmp_path):
     train_ids = {tag(d) for d in docs[:30]}
     for split in ("train", "val"):
         loader = DataLoader(ByteTokenizer(), B=2, T=64, source=source, split=split, buffer_size=1000)
+        batches, middle = take(loader, 25), loader.state_dict()
+        batches += take(loader, 35)
         counts = {}
-        for i in ids_in(take(loader, 60)):
+        for i in ids_in(batches):
             counts[i] = counts.get(i, 0) + 1
         epoch = loader.state_dict()["sources"][0]["epoch"]
         assert epoch >= 3
@@ -271,6 +273,10 @@ def test_many_epochs_roll_over(tmp_path):
         assert set(counts) == expected  # every document, and nothing from the other split
         assert max(counts.values()) <= epoch + 1
         loader.close()
+    again = DataLoader(ByteTokenizer(), B=2, T=64, source=source, split="val", buffer_size=1000)
+    again.load_state_dict(middle)  # epochs in, where documents have waited longest: the same batches
+    assert all(torch.equal(x0, x1) for (x0, _), (x1, _) in zip(batches[25:], take(again, 35)))
+    again.close()
 
 
 def test_errors_reach_the_caller(tmp_path):
