@@ -15,8 +15,8 @@ furthest behind its share, the one with the largest weight * (n + 1) - its token
 the tokens drawn from all (ties: the first named). So every prefix of the stream holds each
 source's share to within a document, and the order depends only on the data and the weights. A
 schedule [(0, "fineweb-edu"), (800, "fineweb-edu:0.7,dir:/data/math:0.3")] switches the mixture
-when the packer starts the batch holding this rank's row 800 (shares count from the switch on). Rows,
-not batches: the trainer may halve the device batch after planning it, the schedule stays put.
+when the packer starts the first batch at or after this rank's row 800 (shares count from the switch
+on). Rows, not batches: the trainer may halve the device batch after planning it, the schedule stays put.
 
 Packing (BOS-aligned best fit): each document is [BOS] + its tokens. A row of T+1 tokens is
 filled by repeatedly taking, from a buffer of pending documents, the largest one that fits in
