@@ -10,10 +10,13 @@ wherever the conversation's loss mask is 0.
     sd = loader.state_dict()                 # save with the checkpoint ...
     loader.load_state_dict(sd)               # ... and the resumed run gets exactly the same batches
 
-Mixtures: weights are shares of the tokens. The next document of a mixture comes from the source
-furthest behind its share, the one with the largest weight * (n + 1) - its tokens drawn so far, n
-the tokens drawn from all (ties: the first named). So every prefix of the stream holds each
-source's share to within a document, and the order depends only on the data and the weights. A
+Mixtures: weights are shares of the tokens trained on. The next document of a mixture comes from
+the source furthest behind its share, the one with the largest weight * (n + 1) - its tokens drawn
+so far, n the tokens drawn from all (ties: the first named). A document longer than a row counts
+as the T + 1 tokens it keeps (below), not its length: otherwise 4 KB books at weight 0.9 with
+short pages at 0.1, in rows of 129 tokens, trained on 80% books and 20% pages. So every prefix
+of the stream holds each source's share to within a document, and the order depends only on the
+data and the weights. A
 schedule [(0, "fineweb-edu"), (800, "fineweb-edu:0.7,dir:/data/math:0.3")] switches the mixture
 when the packer starts the first batch at or after this rank's row 800 (shares count from the switch
 on). Rows, not batches: the trainer may halve the device batch after planning it, the schedule stays put.
@@ -338,7 +341,7 @@ class _Packer:
         end = len(self.current[s]) if len(self.weights[self.stage]) == 1 else src["doc"] + 1
         for doc in range(src["doc"], end):
             self._add(s, src["unit"], doc, self.current[s][doc])
-            src["stage_tokens"] += len(self.current[s][doc])
+            src["stage_tokens"] += min(len(self.current[s][doc]), self.T + 1)  # what it can place
         src["doc"], src["drawn"] = end, src["drawn"] + end - src["doc"]
         if src["doc"] == len(self.current[s]):  # the row group is used up: the next one
             last = src["unit"] + 1 == self.num_units[s]
