@@ -16,10 +16,10 @@ so far, n the tokens drawn from all (ties: the first named). A document longer t
 as the T + 1 tokens it keeps (below), not its length: otherwise 4 KB books at weight 0.9 with
 short pages at 0.1, in rows of 129 tokens, trained on 80% books and 20% pages. So every prefix
 of the stream holds each source's share to within a document, and the order depends only on the
-data and the weights. A
-schedule [(0, "fineweb-edu"), (800, "fineweb-edu:0.7,dir:/data/math:0.3")] switches the mixture
-when the packer starts the first batch at or after this rank's row 800 (shares count from the switch
-on). Rows, not batches: the trainer may halve the device batch after planning it, the schedule stays put.
+data and the weights. A schedule [(0, "fineweb-edu"), (800, "fineweb-edu:0.7,dir:/data/math:0.3")]
+switches the mixture when the packer starts the first batch at or after this rank's row 800 (shares
+count from the switch on). Rows, not batches: the trainer may halve the device batch after planning
+it, the schedule stays put.
 
 Packing (BOS-aligned best fit): each document is [BOS] + its tokens. A row of T+1 tokens is
 filled by repeatedly taking, from a buffer of pending documents, the largest one that fits in
