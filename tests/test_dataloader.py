@@ -174,6 +174,17 @@ def test_mixture_shares_and_ranks_read_disjoint_documents(tmp_path):
     assert {tag(d) for d in docs_b[:2400]} >= {i for i in seen[0] | seen[1] if 10_000 <= int(i[3:]) < 20_000}
 
 
+def test_short_documents_get_their_share_beside_documents_longer_than_a_row(tmp_path):
+    books, _ = make_source(tmp_path / "books", scale=400, max_len=4000)  # most fill a row alone
+    pages, _ = make_source(tmp_path / "pages", seed=1, first=10_000)
+    loader = DataLoader(ByteTokenizer(), B=8, T=64, source=f"{books}:0.9,{pages}:0.1", buffer_size=100)
+    for _ in range(3):  # at every point of a short run, not only after many buffers
+        take(loader, 10)
+        placed = [src["tokens"] for src in loader.state_dict()["sources"]]
+        assert abs(placed[1] / sum(placed) - 0.1) < 0.01, placed
+    loader.close()
+
+
 def test_single_source_ranks_cover_the_split_once(tmp_path):
     source, docs = make_source(tmp_path / "src", n_train=200, group=10)
     seen, accounted = [], 0
@@ -204,7 +215,9 @@ def test_resume_gives_the_same_batches_across_a_schedule_switch(tmp_path, capsys
     expected = take(ref, 30)
     ids = [ids_in([batch]) for batch in expected]
     assert all(int(i[3:]) < 10_000 for batch in ids[:8] for i in batch)  # only a before the switch
-    assert sum(int(i[3:]) >= 10_000 for batch in ids[8:] for i in batch) > len(sum(ids[8:], [])) // 4
+    after = [seg for rows in rows_of(expected[8:]) for row in rows for seg in segments(row) if seg]
+    tokens_b = sum(len(encode_one(seg)) for seg in after if int(tag(seg)[3:]) >= 10_000)
+    assert abs(tokens_b / sum(len(encode_one(seg)) for seg in after) - 0.5) < 0.1  # shares count from the switch
     assert "data: from batch 8 on, the mixture is" in capsys.readouterr().out
     for cut in (0, 7, 8, 9, 19):
         first = loader()
