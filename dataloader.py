@@ -286,7 +286,7 @@ class _Packer:
         self.num_units = [len(units) for units in loader.units]
         self.fixed = {k: state[k] for k in ("version", "schedule", "split", "rank", "world_size")}
         self.batches, self.stage = state["batches"], state["stage"]
-        self.sources = [dict(src) for src in state["sources"]]  # each one's position and counts
+        self.sources = [{"stage_placed": 0, **src} for src in state["sources"]]  # positions, counts (0: older states)
         self.current = [None] * len(self.sources)  # each one's row group being drawn from (token arrays)
         self.pending = {}  # seq -> (source, unit, doc, tokens), in the order the documents arrived
         self.keys = []  # sorted buffer keys, see SEQ_BITS
