@@ -10,20 +10,25 @@ wherever the conversation's loss mask is 0.
     sd = loader.state_dict()                 # save with the checkpoint ...
     loader.load_state_dict(sd)               # ... and the resumed run gets exactly the same batches
 
-Mixtures: weights are shares of the tokens. The next document of a mixture comes from the source
-furthest behind its share, the one with the largest weight * (n + 1) - its tokens drawn so far, n
-the tokens drawn from all (ties: the first named). So every prefix of the stream holds each
-source's share to within a document, and the order depends only on the data and the weights. A
-schedule [(0, "fineweb-edu"), (800, "fineweb-edu:0.7,dir:/data/math:0.3")] switches the mixture
-when the packer starts the batch holding this rank's row 800 (shares count from the switch on). Rows,
-not batches: the trainer may halve the device batch after planning it, the schedule stays put.
+Mixtures: weights are shares of the tokens trained on. The next document of a mixture comes from
+the source furthest behind its share, the one with the largest weight * (n + 1) - its tokens drawn
+so far, n the tokens drawn from all (ties: the first named). A document longer than a row counts
+as the T + 1 tokens it keeps (below), not its length: otherwise 4 KB books at weight 0.9 with
+short pages at 0.1, in rows of 129 tokens, trained on 80% books and 20% pages. So every prefix
+of the stream holds each source's share to within a document, and the order depends only on the
+data and the weights. A schedule [(0, "fineweb-edu"), (800, "fineweb-edu:0.7,dir:/data/math:0.3")]
+switches the mixture when the packer starts the first batch at or after this rank's row 800 (shares
+count from the switch on). Rows, not batches: the trainer may halve the device batch after planning
+it, the schedule stays put.
 
 Packing (BOS-aligned best fit): each document is [BOS] + its tokens. A row of T+1 tokens is
 filled by repeatedly taking, from a buffer of pending documents, the largest one that fits in
 the space left. Only when no pending document fits is one cropped (the shortest, so the least
 is lost) to finish the row; the cropped tail is dropped and counted (`crop_fraction`).
 A document longer than a whole row can never fit: it starts a fresh row and fills it alone
-(losing only what is beyond T+1 tokens), instead of piling up in the buffer. And a document
+(losing only what is beyond T+1 tokens), instead of piling up in the buffer. In a mixture, a row
+starts with a document of the source furthest behind its share of the tokens placed, so one
+source's short documents do not wait while another's long ones take every row. And a document
 that has waited while an epoch of newer ones arrived starts the next row, so none starves.
 Inputs are row[:-1], targets row[1:]. A token that must not be a target (outside a
 conversation's loss mask) travels through the packer as ~id, a negative number, so one int array
@@ -80,8 +85,8 @@ class DataLoader:
         self.max_wait = max(2 * self.buffer_size, sum(self.docs_per_epoch))  # no document waits longer than an epoch
         self._state = dict(version=STATE_VERSION, schedule=[list(s) for s in self.schedule], split=split, rank=rank,
                            world_size=world_size, batches=0, seq=0, stage=0, pending=[],
-                           sources=[dict(name=name, epoch=0, unit=0, doc=0, drawn=0, stage_tokens=0, docs=0, tokens=0,
-                                         cropped=0) for name in self.sources])
+                           sources=[dict(name=name, epoch=0, unit=0, doc=0, drawn=0, stage_tokens=0, stage_placed=0,
+                                         docs=0, tokens=0, cropped=0) for name in self.sources])
         self._workers = None
 
     # ---- what is packed: row groups of pretraining sources (ConversationLoader: conversations)
@@ -281,7 +286,7 @@ class _Packer:
         self.num_units = [len(units) for units in loader.units]
         self.fixed = {k: state[k] for k in ("version", "schedule", "split", "rank", "world_size")}
         self.batches, self.stage = state["batches"], state["stage"]
-        self.sources = [dict(src) for src in state["sources"]]  # each one's position and counts
+        self.sources = [{"stage_placed": 0, **src} for src in state["sources"]]  # positions, counts (0: older states)
         self.current = [None] * len(self.sources)  # each one's row group being drawn from (token arrays)
         self.pending = {}  # seq -> (source, unit, doc, tokens), in the order the documents arrived
         self.keys = []  # sorted buffer keys, see SEQ_BITS
@@ -314,7 +319,7 @@ class _Packer:
         if stage != self.stage:  # shares count from the switch on
             self.stage = stage
             for src in self.sources:
-                src["stage_tokens"] = 0
+                src["stage_tokens"] = src["stage_placed"] = 0
             print0(f"data: from batch {self.batches} on, the mixture is {self.schedule[stage][1]}")
         weights = self.weights[stage]
         if len(weights) == 1:
@@ -338,7 +343,7 @@ class _Packer:
         end = len(self.current[s]) if len(self.weights[self.stage]) == 1 else src["doc"] + 1
         for doc in range(src["doc"], end):
             self._add(s, src["unit"], doc, self.current[s][doc])
-            src["stage_tokens"] += len(self.current[s][doc])
+            src["stage_tokens"] += min(len(self.current[s][doc]), self.T + 1)  # what it can place
         src["doc"], src["drawn"] = end, src["drawn"] + end - src["doc"]
         if src["doc"] == len(self.current[s]):  # the row group is used up: the next one
             last = src["unit"] + 1 == self.num_units[s]
@@ -360,6 +365,8 @@ class _Packer:
             if pos == 0 and oldest < self.seq - self.max_wait:
                 # waited an epoch (never the best fit): it starts this row, where it fits or must be cropped anyway
                 key = self.keys.pop(bisect.bisect_left(self.keys, self._key(oldest, len(self.pending[oldest][3]))))
+            elif pos == 0 and len(self.weights[self.stage]) > 1:
+                key = self.keys.pop(self._row_start(i))
             elif pos == 0 and i < len(self.keys):
                 key = self.keys.pop(i)  # longer than a row: it can never fit, so it fills a row alone
             else:
@@ -370,7 +377,24 @@ class _Packer:
             pos += n
             src = self.sources[s]
             src["docs"], src["tokens"], src["cropped"] = src["docs"] + 1, src["tokens"] + n, src["cropped"] + len(tokens) - n
+            src["stage_placed"] += n
         return True
+
+    def _row_start(self, i) -> int:
+        """Where in keys is the document that starts a row of a mixture (keys[:i] fit a row): one of the
+        source furthest behind its share of the tokens placed, the shortest of its documents longer than
+        a row (it can never fit), else its longest. Best fit alone would start every row with a long
+        document while one is pending and leave a short-document source's share waiting in the buffer."""
+        fits, too_long = {}, {}
+        for j, key in enumerate(self.keys):  # by length: the last that fits, the first that does not
+            s = self.pending[SEQ_MASK - (key & SEQ_MASK)][0]
+            if j < i:
+                fits[s] = j
+            else:
+                too_long.setdefault(s, j)
+        candidates = fits | too_long
+        weights, n = self.weights[self.stage], 1 + sum(src["stage_placed"] for src in self.sources)
+        return candidates[max(candidates, key=lambda s: weights[s] * n - self.sources[s]["stage_placed"])]
 
     def next_batch(self):
         rows = np.empty((self.B, self.T + 1), dtype=np.int64)

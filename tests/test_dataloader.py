@@ -50,10 +50,10 @@ def base_dir(tmp_path, monkeypatch):
     return tmp_path / "base"
 
 
-def make_source(folder, n_train=400, n_val=40, group=25, seed=0, max_len=300, first=0):
+def make_source(folder, n_train=400, n_val=40, group=25, seed=0, max_len=300, first=0, scale=15):
     """Shards in the layout (used in place): documents 'doc<i>|xxxx' (i from `first`) of varied lengths."""
     rng = random.Random(seed)
-    docs = [f"doc{first + i}|" + "x" * (int(rng.paretovariate(1.2) * 15) % max_len) for i in range(n_train + n_val)]
+    docs = [f"doc{first + i}|" + "x" * (int(rng.paretovariate(1.2) * scale) % max_len) for i in range(n_train + n_val)]
     folder.mkdir(parents=True, exist_ok=True)
     for k, (lo, hi) in enumerate([(0, n_train // 2), (n_train // 2, n_train), (n_train, n_train + n_val)]):
         table = pa.table({"text": pa.array(docs[lo:hi], type=pa.string())})
@@ -150,20 +150,20 @@ def ids_in(batches):
 
 
 def test_mixture_shares_and_ranks_read_disjoint_documents(tmp_path):
-    a, docs_a = make_source(tmp_path / "a", n_train=2400, group=50)
+    a, docs_a = make_source(tmp_path / "a", n_train=2400, group=50, scale=200, max_len=2000)  # most longer than a row
     b, docs_b = make_source(tmp_path / "b", n_train=2400, group=50, seed=1, first=10_000)
     c, _ = make_source(tmp_path / "c", n_train=2400, group=50, seed=2, first=20_000)
     mixture = f"{a}:0.5,{b}:0.3,{c}:0.2"
     seen = []
     for rank in range(2):
         loader = DataLoader(ByteTokenizer(), B=8, T=256, source=mixture, rank=rank, world_size=2, buffer_size=40)
-        ids = ids_in(take(loader, 32))
+        ids = ids_in(take(loader, 40))
         sources = loader.state_dict()["sources"]
         assert sum(src["drawn"] for src in sources) > 1000 and all(src["epoch"] == 0 for src in sources)
         drawn = [src["stage_tokens"] for src in sources]
-        placed = [src["tokens"] + src["cropped"] for src in sources]
+        placed = [src["tokens"] for src in sources]  # the tokens in rows: what training sees
         for share, n, m in zip((0.5, 0.3, 0.2), drawn, placed):
-            assert abs(n - share * sum(drawn)) <= 302  # drawn: exact to one document (at most 302 tokens)
+            assert abs(n - share * sum(drawn)) <= 257  # drawn: exact to one document (what fits a row: T + 1)
             assert abs(m / sum(placed) - share) < 0.02  # placed: all but the buffer's few
         units = dataset.split_row_groups(a, "train", rank, 2)
         assert {tag(d) for d in docs_a[:2400]} > set(i for i in ids if int(i[3:]) < 10_000) <= \
@@ -172,6 +172,17 @@ def test_mixture_shares_and_ranks_read_disjoint_documents(tmp_path):
         loader.close()
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     assert {tag(d) for d in docs_b[:2400]} >= {i for i in seen[0] | seen[1] if 10_000 <= int(i[3:]) < 20_000}
+
+
+def test_short_documents_get_their_share_beside_documents_longer_than_a_row(tmp_path):
+    books, _ = make_source(tmp_path / "books", scale=400, max_len=4000)  # most fill a row alone
+    pages, _ = make_source(tmp_path / "pages", seed=1, first=10_000)
+    loader = DataLoader(ByteTokenizer(), B=8, T=64, source=f"{books}:0.9,{pages}:0.1", buffer_size=100)
+    for _ in range(3):  # at every point of a short run, not only after many buffers
+        take(loader, 10)
+        placed = [src["tokens"] for src in loader.state_dict()["sources"]]
+        assert abs(placed[1] / sum(placed) - 0.1) < 0.01, placed
+    loader.close()
 
 
 def test_single_source_ranks_cover_the_split_once(tmp_path):
@@ -204,7 +215,9 @@ def test_resume_gives_the_same_batches_across_a_schedule_switch(tmp_path, capsys
     expected = take(ref, 30)
     ids = [ids_in([batch]) for batch in expected]
     assert all(int(i[3:]) < 10_000 for batch in ids[:8] for i in batch)  # only a before the switch
-    assert sum(int(i[3:]) >= 10_000 for batch in ids[8:] for i in batch) > len(sum(ids[8:], [])) // 4
+    after = [seg for rows in rows_of(expected[8:]) for row in rows for seg in segments(row) if seg]
+    tokens_b = sum(len(encode_one(seg)) for seg in after if int(tag(seg)[3:]) >= 10_000)
+    assert abs(tokens_b / sum(len(encode_one(seg)) for seg in after) - 0.5) < 0.1  # shares count from the switch
     assert "data: from batch 8 on, the mixture is" in capsys.readouterr().out
     for cut in (0, 7, 8, 9, 19):
         first = loader()
@@ -262,8 +275,10 @@ def test_many_epochs_roll_over(tmp_path):
     train_ids = {tag(d) for d in docs[:30]}
     for split in ("train", "val"):
         loader = DataLoader(ByteTokenizer(), B=2, T=64, source=source, split=split, buffer_size=1000)
+        batches, middle = take(loader, 25), loader.state_dict()
+        batches += take(loader, 35)
         counts = {}
-        for i in ids_in(take(loader, 60)):
+        for i in ids_in(batches):
             counts[i] = counts.get(i, 0) + 1
         epoch = loader.state_dict()["sources"][0]["epoch"]
         assert epoch >= 3
@@ -271,6 +286,10 @@ def test_many_epochs_roll_over(tmp_path):
         assert set(counts) == expected  # every document, and nothing from the other split
         assert max(counts.values()) <= epoch + 1
         loader.close()
+    again = DataLoader(ByteTokenizer(), B=2, T=64, source=source, split="val", buffer_size=1000)
+    again.load_state_dict(middle)  # epochs in, where documents have waited longest: the same batches
+    assert all(torch.equal(x0, x1) for (x0, _), (x1, _) in zip(batches[25:], take(again, 35)))
+    again.close()
 
 
 def test_errors_reach_the_caller(tmp_path):

@@ -30,8 +30,9 @@ def test_init_from_loads_the_weights_only_and_refuses_another_shape(trained, tmp
     big = [k for k in start if start[k].numel() >= 1024]  # embeddings and matrices; not the scalars (own lrs)
     assert len(big) > 10 and all((start[k] == cont[k]).all() for k in big)  # d2's, copied
     base_train.main(CONTINUE + ["--init-from", "base:d2:20"])
-    _, _, meta = checkpoint.load_checkpoint("base", "cont", 2, "cpu", load_optimizer=True)
+    _, optimizers, meta = checkpoint.load_checkpoint("base", "cont", 2, "cpu", load_optimizer=True)
     assert meta["init_from"]["tag"] == "d2" and meta["init_from"]["step"] == 20 and meta["step"] == 2
+    assert {s["step"] for opt in optimizers for s in opt["state"].values() if "step" in s} == {2}  # not d2's AdamW
     assert meta["rank_state"]["data"]["batches"] == 4  # its own data position: 2 steps x 2 micro-batches
     section = json.loads((tmp_path / "report" / "base-train.json").read_text())
     assert section["init_from"].startswith("base d2 step 20") and section["tokens"]["stdlib-docs"] > 0
