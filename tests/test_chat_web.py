@@ -386,3 +386,8 @@ def test_page_keeps_answering_as_the_context_fills(server, browser):
     assert "prompt limit" in browser.find_element(By.CSS_SELECTOR, ".msg.error").text
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 6
     assert browser.find_element(By.ID, "input").get_attribute("value") == "x7Q!" * 140
+    # and the conversation goes on: the next question is answered
+    browser.execute_script("document.getElementById('input').value = 'And of Italy?'")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 30).until(lambda d: idle(d) and len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 7)
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
