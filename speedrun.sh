@@ -28,8 +28,6 @@ SPEEDCHAT_BASE_DIR=$(CDPATH= cd -- "$SPEEDCHAT_BASE_DIR" && pwd)  # a relative o
 cd "$(dirname "$0")"
 REPO=$PWD
 
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-
 # --- process handling: torchrun starts its workers in sessions of their own, so neither Ctrl-C nor a
 # kill of this script's process group reaches them. Every process of this run carries SPEEDRUN_ID in
 # its environment; on exit, on a signal, and (through a watcher in a session of its own) when this
@@ -85,6 +83,9 @@ case "$PRESET" in
     cpu|cpu-learn) NGPU=0 ;;
     *) echo "error: SPEEDCHAT_PRESET must be gpu, cpu or cpu-learn, not '$PRESET'" >&2; exit 1 ;;
 esac
+# one thread a process (a GPU node runs one per GPU; the CPU preset shares its cores with tests);
+# cpu-learn trains in one process, which torch gives every core when OMP_NUM_THREADS is unset
+[ "$PRESET" = cpu-learn ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DONE="$SPEEDCHAT_BASE_DIR/speedrun"
 mkdir -p "$DONE"
 [ -f "$DONE/run_id" ] || date +%Y%m%d-%H%M%S > "$DONE/run_id"
@@ -162,9 +163,10 @@ if [ "$PRESET" = gpu ]; then
     RL_FLAGS="--preset full --examples-per-step $(round_up 16 $NGPU)" RL_EVAL="--task-name GSM8K"
 else
     # cpu: offline, minutes on 2 cores: the stdlib-docs corpus, a 2-layer model, self-generated chat tasks.
-    # cpu-learn: a laptop's cores for about half an hour: a d4 model (~11M parameters) on 4 real shards, long
-    # enough to learn English words and phrases (bench/RESULTS.md: what it learned here), then the same chat
-    # stages; the report shows its greedy answers to fixed prompts ("The capital of France is").
+    # cpu-learn: a d4 model (11.5M parameters), 400 steps of 4,096 tokens from 4 real shards, then the same chat
+    # stages; the report shows its greedy completions of fixed prompts ("The capital of France is"). Its base
+    # training costs ~3.2 CPU-seconds a step on one core (~22 min for the 400; it gets every core). 120 of the
+    # steps on Project Gutenberg learned English phrases, no facts (bench/RESULTS.md, "cpu-learn preset").
     if [ "$PRESET" = cpu ]; then
         DEPTH=${SPEEDCHAT_DEPTH:-2}; SOURCE=${SPEEDCHAT_SOURCE:-stdlib-docs}; VOCAB=2048; CHARS=20000000; T=128
         TRAIN="--aspect-ratio 64 --head-dim 32 --device-batch-size 8 --total-batch-size 1024 --num-iterations 300 --sample-every 150"
