@@ -169,8 +169,8 @@ def problems(plan, base_dir):
     """What stops this run before it starts: memory, disk (for the shards not downloaded yet)."""
     out = []
     if not plan["fits"]:
-        out.append(f"d{plan['depth']} does not fit in {plan['gpu_mem_gib']} GiB even at 1 row per GPU "
-                   f"(~{plan['est_peak_mem_gib']} GiB): choose a smaller --depth or a larger GPU"
+        out.append(f"d{plan['depth']} does not fit in {MEMORY_MARGIN:.0%} of {plan['gpu_mem_gib']} GiB even at 1 row "
+                   f"per GPU (~{plan['est_peak_mem_gib']} GiB): choose a smaller --depth or a larger GPU"
                    if plan["gpu_mem_gib"] else f"unknown GPU {plan['gpu']!r}: give --gpu-mem-gib")
     present = len(list((base_dir / "data" / plan["source"]).glob("shard_*.parquet")))
     missing_gb = max(0, plan["shards_downloaded"] - present) * SOURCES[plan["source"]]["shard_gb"]
