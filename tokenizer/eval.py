@@ -157,9 +157,9 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="*", default=None,
                    help="parquet/.txt files or folders; the last file is the validation text "
                         "(default: the stdlib-docs source's validation split, when available)")
-    p.add_argument("--source", default="",
+    p.add_argument("--source", default="stdlib-docs",
                    help="dataset source whose validation split is measured when no --data is given "
-                        "(fineweb-edu | stdlib-docs | dir:PATH; default stdlib-docs)")
+                        "(fineweb-edu | stdlib-docs | dir:PATH; default %(default)s)")
     p.add_argument("--doc-cap", type=int, default=10000,
                    help="characters per document read from --data (default: %(default)s)")
     p.add_argument("--max-val-chars", type=float, default=5e6,
@@ -234,24 +234,17 @@ def load_gpt2(gpt2_dir, offline: bool):
 
 def validation_texts(args) -> tuple[list[str] | None, str]:
     """(documents, where they came from), or (None, why there are none)."""
+    import dataset
     from tokenizer.train import iter_file_documents, list_data_files
 
-    if args.data:
-        path = list_data_files(args.data)[-1]
-        docs, where = iter_file_documents(path, args.doc_cap), str(path)
-    else:
-        try:
-            import dataset
-
-            source = args.source or "stdlib-docs"
-            dataset.ensure_source(source)
-            docs, where = dataset.iter_documents(source, "val"), f"{source} (val)"
-        except ImportError:
-            return None, "no --data given and no dataset module"
-        except UserError as e:
-            return None, str(e)
     out, total = [], 0
     try:
+        if args.data:
+            path = list_data_files(args.data)[-1]
+            docs, where = iter_file_documents(path, args.doc_cap), str(path)
+        else:
+            dataset.ensure_source(args.source)
+            docs, where = dataset.iter_documents(args.source, "val"), f"{args.source} (val)"
         for doc in docs:
             out.append(doc[: int(args.max_val_chars) - total])
             total += len(out[-1])
