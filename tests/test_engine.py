@@ -280,8 +280,6 @@ def test_stream_decoder_holds_split_characters_and_shown_replaces_markers():
 
 
 def test_assistant_parts_round_trip(tok):
-    from engine import shown
-
     special = tok.encode_special
     reply = (tok.encode("Let me count. ") + [special("<|python_start|>")] + tok.encode("'strawberry'.count('r')")
              + [special("<|python_end|>"), special("<|output_start|>")] + tok.encode("3")

@@ -112,19 +112,6 @@ def test_render_conversation_ids_and_mask(tok):
     assert tok.render_conversation(CONVERSATION, max_tokens=7) == (ids[:7], mask[:7])
 
 
-def test_render_conversation_exact_mask_with_empty_texts(tok):
-    s = tok.encode_special
-    conv = {"messages": [
-        {"role": "user", "content": ""},
-        {"role": "assistant", "content": [{"type": "python", "text": ""}, {"type": "python_output", "text": ""}]},
-    ]}
-    ids, mask = tok.render_conversation(conv)
-    assert ids == [s("<|bos|>"), s("<|user_start|>"), s("<|user_end|>"), s("<|assistant_start|>"),
-                   s("<|python_start|>"), s("<|python_end|>"), s("<|output_start|>"), s("<|output_end|>"),
-                   s("<|assistant_end|>")]
-    assert mask == [0, 0, 0, 0, 1, 1, 0, 0, 1]
-
-
 def test_render_for_completion(tok):
     ids = tok.render_for_completion(CONVERSATION)
     assert ids[-1] == tok.encode_special("<|assistant_start|>")

@@ -11,25 +11,14 @@ rendering of conversations into token ids with a loss mask.
 Token ids: 0..255 are the 256 single bytes, 256..N-1 the merges in the order they were
 learned (a token's id is its BPE rank), then the special tokens N..N+8 in SPECIAL_TOKENS order.
 Ordinary text is always encoded as plain text: "<|bos|>" inside a document is just characters;
-special tokens only come from `encode_special`, `prepend`/`append` and the chat renderers.
+special tokens only come from `encode_special`, `prepend` and the chat renderers.
 
-On-disk format (a directory, version 1; plain text, no pickles):
-
-  mergeable_ranks.tiktoken   tiktoken's own BPE file: one line per mergeable token, sorted by
-                             rank, "<base64 of the token's raw bytes> <rank>\\n". Ranks are
-                             0..N-1 without gaps; ranks 0..255 are the single bytes.
-                             (`tiktoken.load.load_tiktoken_bpe` reads it too.)
-  tokenizer.json             {"format": "speedchat-tokenizer", "version": 1,
-                              "pattern": <pre-split regex, fancy-regex syntax>,
-                              "num_mergeable": N, "vocab_size": N + 9,
-                              "special_tokens": {"<|bos|>": N, "<|user_start|>": N + 1, ...},
-                              "mergeable_ranks_sha256": <sha256 of mergeable_ranks.tiktoken>}
-  token_bytes.pt             (written by `python -m tokenizer.train`) torch LongTensor[vocab_size]:
-                             the byte length of each token, 0 for special tokens; used to
-                             turn a loss into bits per byte.
-
-`tokenizer.json` is written last and pins the hash of the ranks file, so a half-finished save
-is detected on load instead of silently pairing new merges with old special-token ids.
+On disk (a directory; plain text, no pickles): mergeable_ranks.tiktoken, tiktoken's own BPE file
+("<base64 of the token's bytes> <rank>" per line, ranks 0..N-1); tokenizer.json (format version,
+pattern, special-token ids, and the sha256 of the ranks file); token_bytes.pt (written by
+`python -m tokenizer.train`), the byte length of each token id, 0 for specials, which turns a loss
+into bits per byte. tokenizer.json is written last and pins the ranks file's hash, so a half-finished
+save is detected on load instead of silently pairing new merges with old special-token ids.
 """
 
 import base64
