@@ -255,13 +255,6 @@ def validation_texts(args) -> tuple[list[str] | None, str]:
     return out, where
 
 
-def bytes_per_token(encoding, docs: list[str]):
-    """(bytes, tokens) for a list of documents under a tiktoken Encoding."""
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    n_tokens = sum(len(ids) for ids in encoding.encode_ordinary_batch(docs))
-    return n_bytes, n_tokens
-
-
 def main(argv=None):
     args = parse_args(argv)
     ours = Tokenizer.load(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
@@ -282,22 +275,17 @@ def main(argv=None):
         notes.append(f"validation: skipped ({where})")
 
     t0 = time.time()
-    results = {}  # kind -> label -> (tokens, bytes/token) or None
+    rows = {}  # kind -> (UTF-8 bytes, {label: tokens, None where that encoding is n/a})
     for kind, docs in texts.items():
-        results[kind] = {}
-        for label, enc in encodings.items():
-            if enc is None:
-                results[kind][label] = None
-                continue
-            n_bytes, n_tokens = bytes_per_token(enc, docs)
-            results[kind][label] = (n_bytes, n_tokens, n_bytes / max(n_tokens, 1))
+        tokens = {lb: sum(map(len, enc.encode_ordinary_batch(docs))) if enc else None for lb, enc in encodings.items()}
+        rows[kind] = (sum(len(d.encode("utf-8")) for d in docs), tokens)
+    ratio = lambda n_bytes, n: n_bytes / max(n, 1)  # noqa: E731  (bytes per token)
 
     labels = list(encodings)
     header = "| text | bytes | " + " | ".join(f"{lb} tokens | {lb} bytes/token" for lb in labels) + " |"
     lines = [header, "|" + "---|" * (2 + 2 * len(labels))]
-    for kind, row in results.items():
-        n_bytes = next((r[0] for r in row.values() if r), 0)
-        cells = [f"{r[1]:,} | {r[2]:.2f}" if r else "n/a | n/a" for r in row.values()]
+    for kind, (n_bytes, tokens) in rows.items():
+        cells = [f"{n:,} | {ratio(n_bytes, n):.2f}" if n is not None else "n/a | n/a" for n in tokens.values()]
         lines.append(f"| {kind} | {n_bytes:,} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     text = table + "\n\n" + "\n".join(f"- {n}" for n in notes)
@@ -306,7 +294,8 @@ def main(argv=None):
 
     from report import write_section
 
-    data = {kind: {lb: (round(r[2], 4) if r else None) for lb, r in row.items()} for kind, row in results.items()}
+    data = {kind: {lb: None if n is None else round(ratio(n_bytes, n), 4) for lb, n in tokens.items()}
+            for kind, (n_bytes, tokens) in rows.items()}
     write_section("tokenizer-eval", "Tokenizer evaluation",
                   {"tokenizer": args.tokenizer_dir or str(get_tokenizer_dir()), "vocab_size": ours.get_vocab_size(),
                    "bytes_per_token": data}, text="Bytes per token (higher compresses better):\n\n" + text)
