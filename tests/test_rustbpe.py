@@ -1,5 +1,5 @@
 """rustbpe (the Rust BPE trainer) against a slow, obviously-correct Python reference, its splitter
-against the `regex` module, its encoder against tiktoken.
+against the `regex` module, its ranks through tiktoken.
 
 The rule: ids 0..255 are the bytes; each step merges the adjacent pair with the highest count, ties
 to the smallest (left_id, right_id); text is pre-split by the pattern and merges never cross chunks."""
@@ -60,11 +60,6 @@ def train(texts, vocab_size, **kwargs):
     return tok
 
 
-def tiktoken_of(tok):
-    return tiktoken.Encoding("test", pat_str=tok.get_pattern(), mergeable_ranks=dict(tok.get_mergeable_ranks()),
-                             special_tokens={})
-
-
 @given(st.text(max_size=60) | st.text(alphabet=ALPHABET, max_size=60))
 @settings(max_examples=300, deadline=None)
 def test_splitter_matches_the_regex_engines(text):
@@ -117,24 +112,6 @@ def test_vocab_ranks_and_small_inputs():
     assert tok.get_merges() == [(ord("x"), ord("y"))]
     assert train([], 1000).get_merges() == [] and train(["hello"], 256).get_merges() == []
     assert train(["", "", "x"], 1000).get_vocab_size() == 256
-    assert rustbpe.Tokenizer().encode("hé") == list("hé".encode())
-
-
-@pytest.fixture(scope="module")
-def trained():
-    rng = random.Random(1)
-    vocab = ["the", " quick", " brown", " fox", "'s", " 123", "\n\n", " ünïcode", " 日本", "!!", "  "]
-    tok = train(["".join(rng.choice(vocab) for _ in range(50)) for _ in range(200)], 600)
-    return tok, tiktoken_of(tok)
-
-
-@given(st.text(max_size=80) | st.text(alphabet=ALPHABET + "thequickbrownfox", max_size=80)
-       | st.sampled_from(["the quick brown fox's 123\n\n", "thethethe", " ünïcode 日本!! "]))
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_encode_matches_tiktoken(trained, text):
-    tok, enc = trained
-    assert tok.encode(text) == enc.encode_ordinary(text)
-    assert enc.decode(tok.encode(text)) == text
 
 
 def failing_source():
@@ -180,7 +157,9 @@ def test_real_data_roundtrip():
 
     texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()[:50]
     tok = train(texts, 2000)
-    sample, enc = texts[0][:20000], tiktoken_of(tok)
-    ids = tok.encode(sample)
-    assert tok.get_vocab_size() == 2000 and ids == enc.encode_ordinary(sample) and enc.decode(ids) == sample
+    enc = tiktoken.Encoding("test", pat_str=tok.get_pattern(), mergeable_ranks=dict(tok.get_mergeable_ranks()),
+                            special_tokens={})
+    sample = texts[0][:20000]
+    ids = enc.encode_ordinary(sample)
+    assert tok.get_vocab_size() == 2000 and enc.decode(ids) == sample
     assert len(sample.encode()) / len(ids) > 3.0  # a trained vocab compresses English text
