@@ -123,9 +123,7 @@ NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
 
 def normalize_number(text):
-    """'1,000' -> '1000', '$5' -> '5', '3.50' -> '3.5', '7.0' -> '7'; None stays None."""
-    if text is None:
-        return None
+    """'1,000' -> '1000', '$5' -> '5', '3.50' -> '3.5', '7.0' -> '7'."""
     text = text.replace(",", "").replace("$", "").strip().rstrip(".")
     try:
         value = Decimal(text)
