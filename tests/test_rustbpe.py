@@ -25,7 +25,7 @@ OTHER_PATTERN = r"\w+|\s+|[^\w\s]+"
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Characters on which the `regex` module and the Rust regex engine share Unicode tables
 # (they disagree only on code points assigned in the newest Unicode versions).
-ALPHABET = "aabbcst lLvVeErRdDmM'  \t\n\r0123456789.,!?-_()é ñ ß日本語😀\u00a0\u3000²"
+ALPHABET = "aabbcst ZSTlLvVeErRdDmM'  \t\n\r0123456789.,!?-_()é ñ ß日本語😀\u00a0\u3000\u2028²Ⅻſ\u0301\x1c"
 REPETITIVE = ["aaaa", "abab", "ab ab", "  ", "\n\n", "12 34", "aaa", ""]  # overlapping pairs, many equal counts
 
 
@@ -71,9 +71,13 @@ def test_splitter_matches_the_regex_engines(text):
         assert rustbpe._split(text) == regex.findall(SPLIT_PATTERN, text)
 
 
-@pytest.mark.parametrize("text", ["", "Hello world", "I'm he'll we've THEY'RE 'x ''s", "  \n\n  x", "123456 ab12",
-                                  "a  b   ", " !!! \r\n\r\n", "\u00a0word \u3000字", "ſ 'ſ 'K", "x\u0301y",
-                                  "😀😀 ok\n"])
+@pytest.mark.parametrize("text", [
+    "", "a", " ", "\r\n", " \n ", "Hello,  world!!\n\n", "I'm you're he'll we've they'd it's 'S 'LL 'Ve 're 'x ''s",
+    "I'm he'll we've THEY'RE 'x ''s", "don'T", "'", "''", "'ll've're", "x 'll", "1234567 x12y 3.14", "123456 ab12",
+    "   leading", "trailing   ", "a  \n\n  b", "  \n\n  x", "\t\tx", "   \t\n\t  x", "a\n \n", "\n\n\n", "x\r\r\n\ny",
+    "a  b   ", " !!!\n\n", " !!! \r\n\r\n", "  !!", "!?x", "(hello)", " (\n", "-- --\n--", "$ 100", "\x00\x7fa",
+    "\x1c\x1dx", "\u00a0word \u3000字", "\u2028a\u2029", "ſ 'ſ 'K 'k", "日本語のテキスト123", "Ünïcödé ñ", "٣٤٥ ²³ Ⅻ",
+    "a\u0301b", "foo\u200bbar", "émoji 😀😀 ok\n"])
 def test_splitter_examples(text):
     assert rustbpe._split(text) == regex.findall(SPLIT_PATTERN, text) == rustbpe._split(text, use_regex=True)
 
