@@ -252,7 +252,7 @@ def download_hf_parquet(repo, config, split, what=None, hint="") -> list[Path]:
         if not manifest.exists():  # another process may have finished while we waited
             try:
                 names = _download_split(repo, config, split, folder, what)
-            except (DownloadError, ValueError) as e:  # ValueError: the list is not JSON
+            except (DownloadError, ValueError) as e:  # ValueError: no list of parquet URLs
                 problem = " ".join(str(e).split())[:400]  # one line, however the exception printed
                 raise UserError(f"{what}: {problem}" + (f"; {hint}" if hint else "")) from None
             atomic_write(manifest, json.dumps(names))
@@ -266,7 +266,10 @@ def _download_split(repo, config, split, folder, what):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     retry = dict(retries=RETRIES - 1, backoff=RETRY_BACKOFF, timeout=TIMEOUT, headers=headers)
     url = f"{os.environ.get('SPEEDCHAT_HF_URL', HF_URL).rstrip('/')}/api/datasets/{repo}/parquet/{config}/{split}"
-    urls = request(url, **retry).json()
+    try:
+        urls = request(url, **retry).json()
+    except ValueError:  # not JSON
+        urls = None
     if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
         raise ValueError(f"{url} did not return a list of parquet URLs")
     names = [f"{i:04d}.parquet" for i in range(len(urls))]
