@@ -31,7 +31,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 from common import (POSITIVE, POSITIVE_OR_ALL, STEP, UserError, compute_cleanup, compute_init, format_seconds,
                     get_dtype, parse_args, print0, run_main, sum_over_ranks)
@@ -254,11 +253,9 @@ def evaluate(args, rank, world_size, device):
     paths = data_paths(args)
     for name in names:
         task, reason = load_task(name, paths, preset)
-        if dist.is_available() and dist.is_initialized():  # every rank runs the task, or none does
-            ok = torch.tensor(int(task is not None), device=device)
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            if task is not None and not ok.item():
-                task, reason = None, "its data could not be loaded on every process"
+        loaded, = sum_over_ranks([task is not None], device)  # every rank runs the task, or none does
+        if task is not None and loaded < world_size:
+            task, reason = None, "its data could not be loaded on every process"
         if task is None:
             skipped[name] = reason
             print0(f"{name}: skipped: {reason}")

@@ -335,10 +335,6 @@ class Engine:
 # ---------------------------------------------------------------------------
 # Loading a model to chat with (chat_cli, chat_web)
 
-SOURCE_FALLBACK_HINT = {"rl": " (or --source sft)", "sft": " (or --source mid/base)", "mid": " (or --source base)",
-                        "base": ""}
-
-
 def add_decode_flags(p):
     """chat_cli's and chat_web's switch for how the decode steps run (see Engine)."""
     p.add_argument("--decode", default="auto", choices=DECODE_MODES,
@@ -348,16 +344,10 @@ def add_decode_flags(p):
 
 
 def load_engine(source="sft", device="cpu", tag=None, step=None, decode="auto"):
-    """(Engine, meta) for the latest (or given) checkpoint of stage `source`, with a one-line
-    UserError that says which script to run when that stage has no checkpoint yet."""
+    """(Engine, meta) for the latest (or given) checkpoint of stage `source` (checkpoint's UserError
+    says which script to run when that stage has none yet)."""
     import checkpoint
-    from common import UserError
 
-    has_any = checkpoint.list_steps(checkpoint.checkpoint_dir(source, tag)) if tag else checkpoint.find_last_tag(source)
-    if not has_any:
-        what = f"{source} checkpoint" + (f" with tag {tag!r}" if tag else "")
-        raise UserError(f"no {what}: run `python -m {checkpoint.STAGE_SCRIPTS[source]}` first"
-                        + SOURCE_FALLBACK_HINT[source])
     model, tokenizer, meta = checkpoint.load_model(source, device, tag=tag, step=step, phase="eval")
     return Engine(model, tokenizer, decode=decode), meta
 

@@ -1,5 +1,5 @@
 """What every task shares: the Task base (an indexable, sliceable list of conversations),
-mixtures and sequences of tasks, the multiple-choice rendering, and the downloader that
+mixtures of tasks, the multiple-choice rendering, and the downloader that
 fetches a Hugging Face dataset's auto-converted parquet once into $SPEEDCHAT_BASE_DIR/tasks_data/.
 
 A conversation is {"messages": [{"role": "user"|"assistant"|"system", "content": ...}], ...}
@@ -8,7 +8,6 @@ where assistant content is a str or a list of parts {"type": "text"|"python"|"py
 keys; render_conversation ignores them.
 """
 
-import bisect
 import fcntl
 import functools
 import gzip
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from common import UserError, atomic_write, get_base_dir, print0
-from dataset import DownloadError, check_parquet, download_file, request
+from corpora import check_parquet
+from download import DownloadError, download_file, request
 from tokenizer import conversation_problem
 
 # ---------------------------------------------------------------------------
@@ -81,22 +81,6 @@ class TaskMixture(Task):
         return self.tasks[int(self.task_ids[index])][int(self.example_ids[index])]
 
 
-class TaskSequence(Task):
-    """Several tasks one after the other, in order (e.g. a curriculum)."""
-
-    def __init__(self, tasks, **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = list(tasks)
-        self.offsets = np.cumsum([0] + [len(t) for t in self.tasks]).tolist()
-
-    def num_examples(self):
-        return self.offsets[-1]
-
-    def get_example(self, index):
-        t = bisect.bisect_right(self.offsets, index) - 1
-        return self.tasks[t][index - self.offsets[t]]
-
-
 # ---------------------------------------------------------------------------
 # Multiple choice (ARC, MMLU): the question, lettered options, and a one-letter answer.
 
@@ -139,9 +123,7 @@ NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
 
 def normalize_number(text):
-    """'1,000' -> '1000', '$5' -> '5', '3.50' -> '3.5', '7.0' -> '7'; None stays None."""
-    if text is None:
-        return None
+    """'1,000' -> '1000', '$5' -> '5', '3.50' -> '3.5', '7.0' -> '7'."""
     text = text.replace(",", "").replace("$", "").strip().rstrip(".")
     try:
         value = Decimal(text)
@@ -162,10 +144,10 @@ def last_number(text: str):
 # Conversations from files (CustomJSON): the tokenizer's check, and a reply to train on
 
 
-def check_conversation(messages, require_assistant_last=True) -> str | None:
+def check_conversation(messages) -> str | None:
     """Why `messages` is not a conversation to train on, or None when it is."""
     problem = conversation_problem(messages)
-    if problem is None and require_assistant_last and messages[-1]["role"] != "assistant":
+    if problem is None and messages[-1]["role"] != "assistant":
         problem = "the last message must be from the assistant"
     return problem
 
@@ -217,8 +199,7 @@ class ParquetRows:
     def __init__(self, files):
         import pyarrow as pa
         import pyarrow.parquet as pq
-        tables = [pq.read_table(f) for f in files]
-        self.table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        self.table = pa.concat_tables([pq.read_table(f) for f in files])
 
     def __len__(self):
         return self.table.num_rows
@@ -256,25 +237,12 @@ RETRIES = 5
 RETRY_BACKOFF = 2.0      # seconds, doubled each retry; tests set it to 0
 
 
-def hf_url() -> str:
-    return os.environ.get("SPEEDCHAT_HF_URL", HF_URL).rstrip("/")
-
-
-def _headers():
-    token = os.environ.get("HF_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def tasks_data_dir() -> Path:
-    return get_base_dir() / "tasks_data"
-
-
 def download_hf_parquet(repo, config, split, what=None, hint="") -> list[Path]:
     """The local parquet files of one split of a Hub dataset, downloaded on first use into
     $SPEEDCHAT_BASE_DIR/tasks_data/<owner>__<name>/<config>/<split>/. Under torchrun every
     rank may call this: a file lock lets one download while the others wait."""
     what = what or repo
-    folder = tasks_data_dir() / repo.replace("/", "__") / config / split
+    folder = get_base_dir() / "tasks_data" / repo.replace("/", "__") / config / split
     manifest = folder / "files.json"
     if manifest.exists():
         return [folder / name for name in json.loads(manifest.read_text())]
@@ -282,43 +250,32 @@ def download_hf_parquet(repo, config, split, what=None, hint="") -> list[Path]:
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not manifest.exists():  # another process may have finished while we waited
-            urls = _fetch_file_list(f"{hf_url()}/api/datasets/{repo}/parquet/{config}/{split}", what, hint)
-            names = [f"{i:04d}.parquet" for i in range(len(urls))]
-            for url, name in zip(urls, names):
-                if not (folder / name).exists():
-                    print0(f"{what}: downloading {url}")
-                    _download(url, folder / name, what, hint)
-                    print0(f"{what}: saved {folder / name} ({(folder / name).stat().st_size / 1e6:.1f} MB)")
+            try:
+                names = _download_split(repo, config, split, folder, what)
+            except (DownloadError, ValueError) as e:  # ValueError: no list of parquet URLs
+                problem = " ".join(str(e).split())[:400]  # one line, however the exception printed
+                raise UserError(f"{what}: {problem}" + (f"; {hint}" if hint else "")) from None
             atomic_write(manifest, json.dumps(names))
     return [folder / name for name in json.loads(manifest.read_text())]
 
 
-def _fail(what, problem, hint):
-    problem = " ".join(str(problem).split())[:400]  # one line, however the exception printed
-    raise UserError(f"{what}: {problem}" + (f"; {hint}" if hint else ""))
-
-
-def _fetch_file_list(url, what, hint):
-    """The parquet URLs the Hub lists for a split (dataset.request: offline fails at once)."""
+def _download_split(repo, config, split, folder, what):
+    """Fetch the parquet URLs the Hub lists for a split (an unreachable host fails at once), then
+    each file through download_file (resumed, retried, checked, renamed into place)."""
+    token = os.environ.get("HF_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    retry = dict(retries=RETRIES - 1, backoff=RETRY_BACKOFF, timeout=TIMEOUT, headers=headers)
+    url = f"{os.environ.get('SPEEDCHAT_HF_URL', HF_URL).rstrip('/')}/api/datasets/{repo}/parquet/{config}/{split}"
     try:
-        urls = request(url, retries=RETRIES - 1, backoff=RETRY_BACKOFF, timeout=TIMEOUT, headers=_headers()).json()
-    except DownloadError as e:
-        _fail(what, e, hint)
-    except ValueError:
+        urls = request(url, **retry).json()
+    except ValueError:  # not JSON
         urls = None
-    if isinstance(urls, dict) and isinstance(urls.get("parquet_files"), list):
-        urls = [f.get("url") for f in urls["parquet_files"]]  # datasets-server's shape
     if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
-        _fail(what, f"{url} did not return a list of parquet URLs", hint)
-    return urls
-
-
-def _download(url, target: Path, what, hint):
-    """One parquet file of a split, through dataset.download_file: resumed after a dropped
-    transfer, retried, checked (size, published sha256, parquet), renamed into place."""
-    try:
-        download_file(url, target, retries=RETRIES - 1, backoff=RETRY_BACKOFF, timeout=TIMEOUT,
-                      validate=functools.partial(check_parquet, column=None), headers=_headers())
-    except DownloadError as e:
-        _fail(what, f"downloading {url} failed after {e.attempts} tries ({e.reason})" if e.attempts > 1
-              else f"downloading {url}: {e.reason}", hint)
+        raise ValueError(f"{url} did not return a list of parquet URLs")
+    names = [f"{i:04d}.parquet" for i in range(len(urls))]
+    for url, name in zip(urls, names):
+        if not (folder / name).exists():
+            print0(f"{what}: downloading {url}")
+            download_file(url, folder / name, validate=functools.partial(check_parquet, column=None), **retry)
+            print0(f"{what}: saved {folder / name} ({(folder / name).stat().st_size / 1e6:.1f} MB)")
+    return names

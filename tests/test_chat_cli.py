@@ -80,7 +80,7 @@ def test_eof_ends_the_chat(base_dir, capsys, monkeypatch):
     assert "speedchat (sft" in capsys.readouterr().out
 
 
-def test_tool_calls_are_shown_readably_and_read_back_as_tokens():
+def test_tool_calls_are_shown_readably():
     tok = make_tokenizer()
     special = tok.encode_special
     messages = [{"role": "user", "content": "What is 12+30?"}]
@@ -94,7 +94,4 @@ def test_tool_calls_are_shown_readably_and_read_back_as_tokens():
     out = io.StringIO()
     text, dropped = chat_cli.reply(chat, messages, args, 0, out)
     assert out.getvalue() == "[calculator: 12+30 -> 42] It is 42.\n" and dropped == 0
-    assert text == "[calculator: 12+30 -> 42] It is 42."
-    history = engine.chat_prompt(tok, messages + [{"role": "assistant", "content": text}, messages[0]])
-    assert history[start:start + len(call) + 3] == call + [special("<|output_start|>"), *tok.encode("42"),
-                                                           special("<|output_end|>")]
+    assert text == "[calculator: 12+30 -> 42] It is 42."  # read back as tokens: test_engine's round trip

@@ -1,5 +1,5 @@
 """rustbpe (the Rust BPE trainer) against a slow, obviously-correct Python reference, its splitter
-against the `regex` module, its encoder against tiktoken.
+against the `regex` module, its ranks through tiktoken.
 
 The rule: ids 0..255 are the bytes; each step merges the adjacent pair with the highest count, ties
 to the smallest (left_id, right_id); text is pre-split by the pattern and merges never cross chunks."""
@@ -25,7 +25,7 @@ OTHER_PATTERN = r"\w+|\s+|[^\w\s]+"
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Characters on which the `regex` module and the Rust regex engine share Unicode tables
 # (they disagree only on code points assigned in the newest Unicode versions).
-ALPHABET = "aabbcst lLvVeErRdDmM'  \t\n\r0123456789.,!?-_()é ñ ß日本語😀\u00a0\u3000²"
+ALPHABET = "aabbcst ZSTlLvVeErRdDmM'  \t\n\r0123456789.,!?-_()é ñ ß日本語😀\u00a0\u3000\u2028²Ⅻſ\u0301\x1c"
 REPETITIVE = ["aaaa", "abab", "ab ab", "  ", "\n\n", "12 34", "aaa", ""]  # overlapping pairs, many equal counts
 
 
@@ -60,11 +60,6 @@ def train(texts, vocab_size, **kwargs):
     return tok
 
 
-def tiktoken_of(tok):
-    return tiktoken.Encoding("test", pat_str=tok.get_pattern(), mergeable_ranks=dict(tok.get_mergeable_ranks()),
-                             special_tokens={})
-
-
 @given(st.text(max_size=60) | st.text(alphabet=ALPHABET, max_size=60))
 @settings(max_examples=300, deadline=None)
 def test_splitter_matches_the_regex_engines(text):
@@ -76,9 +71,13 @@ def test_splitter_matches_the_regex_engines(text):
         assert rustbpe._split(text) == regex.findall(SPLIT_PATTERN, text)
 
 
-@pytest.mark.parametrize("text", ["", "Hello world", "I'm he'll we've THEY'RE 'x ''s", "  \n\n  x", "123456 ab12",
-                                  "a  b   ", " !!! \r\n\r\n", "\u00a0word \u3000字", "ſ 'ſ 'K", "x\u0301y",
-                                  "😀😀 ok\n"])
+@pytest.mark.parametrize("text", [
+    "", "a", " ", "\r\n", " \n ", "Hello,  world!!\n\n", "I'm you're he'll we've they'd it's 'S 'LL 'Ve 're 'x ''s",
+    "I'm he'll we've THEY'RE 'x ''s", "don'T", "'", "''", "'ll've're", "x 'll", "1234567 x12y 3.14", "123456 ab12",
+    "   leading", "trailing   ", "a  \n\n  b", "  \n\n  x", "\t\tx", "   \t\n\t  x", "a\n \n", "\n\n\n", "x\r\r\n\ny",
+    "a  b   ", " !!!\n\n", " !!! \r\n\r\n", "  !!", "!?x", "(hello)", " (\n", "-- --\n--", "$ 100", "\x00\x7fa",
+    "\x1c\x1dx", "\u00a0word \u3000字", "\u2028a\u2029", "ſ 'ſ 'K 'k", "日本語のテキスト123", "Ünïcödé ñ", "٣٤٥ ²³ Ⅻ",
+    "a\u0301b", "foo\u200bbar", "émoji 😀😀 ok\n"])
 def test_splitter_examples(text):
     assert rustbpe._split(text) == regex.findall(SPLIT_PATTERN, text) == rustbpe._split(text, use_regex=True)
 
@@ -117,24 +116,6 @@ def test_vocab_ranks_and_small_inputs():
     assert tok.get_merges() == [(ord("x"), ord("y"))]
     assert train([], 1000).get_merges() == [] and train(["hello"], 256).get_merges() == []
     assert train(["", "", "x"], 1000).get_vocab_size() == 256
-    assert rustbpe.Tokenizer().encode("hé") == list("hé".encode())
-
-
-@pytest.fixture(scope="module")
-def trained():
-    rng = random.Random(1)
-    vocab = ["the", " quick", " brown", " fox", "'s", " 123", "\n\n", " ünïcode", " 日本", "!!", "  "]
-    tok = train(["".join(rng.choice(vocab) for _ in range(50)) for _ in range(200)], 600)
-    return tok, tiktoken_of(tok)
-
-
-@given(st.text(max_size=80) | st.text(alphabet=ALPHABET + "thequickbrownfox", max_size=80)
-       | st.sampled_from(["the quick brown fox's 123\n\n", "thethethe", " ünïcode 日本!! "]))
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_encode_matches_tiktoken(trained, text):
-    tok, enc = trained
-    assert tok.encode(text) == enc.encode_ordinary(text)
-    assert enc.decode(tok.encode(text)) == text
 
 
 def failing_source():
@@ -180,7 +161,9 @@ def test_real_data_roundtrip():
 
     texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()[:50]
     tok = train(texts, 2000)
-    sample, enc = texts[0][:20000], tiktoken_of(tok)
-    ids = tok.encode(sample)
-    assert tok.get_vocab_size() == 2000 and ids == enc.encode_ordinary(sample) and enc.decode(ids) == sample
+    enc = tiktoken.Encoding("test", pat_str=tok.get_pattern(), mergeable_ranks=dict(tok.get_mergeable_ranks()),
+                            special_tokens={})
+    sample = texts[0][:20000]
+    ids = enc.encode_ordinary(sample)
+    assert tok.get_vocab_size() == 2000 and enc.decode(ids) == sample
     assert len(sample.encode()) / len(ids) > 3.0  # a trained vocab compresses English text

@@ -2,14 +2,13 @@
 GSM8K, spelling and arithmetic, answer extraction, held-out test splits, mixtures and the
 downloader against a local 127.0.0.1 server (failing fast when offline)."""
 
-import io
 import json
 import re
 import socket
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +19,7 @@ import tasks.common
 from common import UserError
 from tasks.arc import ARC
 from tasks.arithmetic import Arithmetic
-from tasks.common import TaskMixture, TaskSequence, check_conversation, last_number, normalize_number
+from tasks.common import TaskMixture, check_conversation, last_number, normalize_number
 from tasks.gsm8k import GSM8K, extract_answer, solution_parts
 from tasks.humaneval import HumanEval, build_program, extract_code
 from tasks.identity import Identity
@@ -83,7 +82,7 @@ def test_every_task_gives_trainable_conversations(tok, name):
 # Each task: its examples, its evaluation, its splits
 
 
-def test_slicing_mixtures_and_sequences():
+def test_slicing_and_mixtures():
     full = Arithmetic(size=10)
     part = Arithmetic(size=10, start=2, stop=9, step=3)
     assert [c["answer"] for c in part] == [full[i]["answer"] for i in (2, 5, 8)]
@@ -97,7 +96,6 @@ def test_slicing_mixtures_and_sequences():
     assert sorted(first) == sorted(everything) and first[:10] != everything[:10]  # each once, shuffled
     assert len(TaskMixture([a, a, b])) == 80  # listing a task twice oversamples it
     assert [m["messages"][0]["content"] for m in TaskMixture([a, b, c], seed=7, start=5, stop=15)] == first[5:15]
-    assert [x["messages"] for x in TaskSequence([a, c])] == [x["messages"] for x in list(a) + list(c)]
     for cls in (Arithmetic, SpellingBee, SimpleSpelling):  # generated examples: the same on every run
         assert [x["messages"] for x in cls(size=20)] == [x["messages"] for x in cls(size=20)]
         assert [x["messages"] for x in cls(size=20)] != [x["messages"] for x in cls(size=20, split="test")]
@@ -222,7 +220,7 @@ def test_humaneval_rows_programs_and_evaluate():
     assert not task.evaluate(conversation, "    return 0\n") and not task.evaluate(conversation, "I don't know.")
 
 
-def test_smoltalk_local_formats_and_tidy(tmp_path):
+def test_smoltalk_local_formats_and_tidy():
     task = SmolTalk(path=need("chat", "dummy_conversation.json"))
     assert len(task) == 500 and task[0]["messages"][0] == {"role": "user", "content": "Who are you?"}
     assert [m["role"] for m in task[2]["messages"]] == ["user", "assistant"] * 3
@@ -330,56 +328,40 @@ def test_arithmetic_tool_outputs_are_right_and_tests_never_trained_on():
     assert len(test) > 200 and len(train) > 2000 and not train & test
 
 
-def test_identity_default_file():
-    task = Identity()
-    assert len(task) >= 20
-    text = json.dumps([c["messages"] for c in task])
-    assert "speedchat" in text and "mistakes" in text
-    assert any(isinstance(c["messages"][1]["content"], list) for c in task)  # shows the tool once
-
-
 # ---------------------------------------------------------------------------
 # Downloader against a local stand-in for the Hub (retries, resume and checksums: test_dataset.py)
 
 
 class Hub:
-    """The Hub's parquet-list API and the files on 127.0.0.1, with HTTP errors on request."""
+    """The Hub's parquet-list API and its files, served from a folder on 127.0.0.1 (a missing file is
+    a 404); every request path is logged."""
 
-    def __init__(self):
-        self.files, self.lists, self.status, self.requests = {}, {}, {}, []
+    def __init__(self, root):
+        self.root, self.requests = root, []
         hub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=root, **kwargs)
 
-            def do_GET(self):
+            def log_request(self, code="-", size="-"):
                 hub.requests.append(self.path)
-                body = json.dumps(hub.lists[self.path]).encode() if self.path in hub.lists else hub.files.get(self.path)
-                if body is None or self.path in hub.status:
-                    return self.send_error(hub.status.get(self.path, 404))
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def add_split(self, repo, config, split, tables):
-        urls = []
-        for i, rows in enumerate(tables):
-            buf = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(rows), buf)
-            self.files[f"/files/{repo}/{config}/{split}/{i}.parquet"] = buf.getvalue()
-            urls.append(f"{self.url}/files/{repo}/{config}/{split}/{i}.parquet")
-        self.lists[f"/api/datasets/{repo}/parquet/{config}/{split}"] = urls
+        files = [write_parquet(self.root / "files" / repo / config / split / f"{i}.parquet", rows)
+                 for i, rows in enumerate(tables)]
+        listing = self.root / "api" / "datasets" / repo / "parquet" / config / split
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text(json.dumps([f"{self.url}/{f.relative_to(self.root)}" for f in files]))
 
 
 @pytest.fixture
-def hub(monkeypatch):
-    hub = Hub()
+def hub(tmp_path, monkeypatch):
+    hub = Hub(tmp_path / "hub")
     monkeypatch.setenv("SPEEDCHAT_HF_URL", hub.url)
     yield hub
     hub.server.shutdown()
@@ -408,7 +390,6 @@ def test_download_once_by_one_of_many_callers_then_cached(hub, base_dir):
 
 
 def test_download_errors_name_the_path_flag(hub, tmp_path, monkeypatch):
-    hub.status["/api/datasets/allenai/ai2_arc/parquet/ARC-Easy/test"] = 404
     with pytest.raises(UserError) as info:
         ARC("ARC-Easy", "test")
     assert "HTTP 404" in str(info.value) and "--arc-path" in str(info.value) and "\n" not in str(info.value)
@@ -416,8 +397,7 @@ def test_download_errors_name_the_path_flag(hub, tmp_path, monkeypatch):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     monkeypatch.setenv("SPEEDCHAT_HF_URL", f"http://127.0.0.1:{port}")
-    for make, flag in [(lambda: GSM8K(split="test"), "--gsm8k-path"), (lambda: MMLU(), "--mmlu-path"),
-                       (lambda: HumanEval(), "--humaneval-path"), (lambda: SmolTalk(), "--smoltalk-path"),
+    for make, flag in [(lambda: GSM8K(split="test"), "--gsm8k-path"), (lambda: SmolTalk(), "--smoltalk-path"),
                        (lambda: GSM8K(path=tmp_path / "nope.jsonl"), "--gsm8k-path")]:
         t0 = time.monotonic()
         with pytest.raises(UserError, match=flag):

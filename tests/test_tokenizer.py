@@ -44,8 +44,7 @@ def base_dir(tmp_path, monkeypatch):
 def test_trained_vocab_layout(tok):
     assert tok.get_vocab_size() == VOCAB
     n = VOCAB - len(SPECIAL_TOKENS)
-    for b in range(256):  # ranks 0..255 are the single bytes
-        assert tok.id_to_token_bytes(b) == bytes([b])
+    assert all(tok.enc.decode_single_token_bytes(b) == bytes([b]) for b in range(256))  # ranks 0..255: the bytes
     assert [tok.encode_special(s) for s in SPECIAL_TOKENS] == list(range(n, VOCAB))
     assert tok.get_bos_token_id() == n
     # training learned merges: common English compresses better than one token per byte
@@ -66,24 +65,12 @@ def test_special_tokens_come_only_from_encode_special_and_prepend_append(tok):
     text = "before <|bos|> middle <|assistant_end|><|user_start|> after"  # plain text, never control tokens
     assert not set(range(tok.get_bos_token_id(), tok.get_vocab_size())) & set(tok.encode(text))
     assert tok.encode(["<|bos|>"])[0] == tok.encode("<|bos|>") != [tok.get_bos_token_id()]
-    bos, end = tok.encode_special("<|bos|>"), tok.encode_special("<|assistant_end|>")
+    bos = tok.encode_special("<|bos|>")
     body = tok.encode("hello world")
     assert tok.encode("hello world", prepend="<|bos|>") == [bos] + body
-    assert tok.encode("hello world", prepend=bos, append="<|assistant_end|>") == [bos] + body + [end]
+    assert tok.encode("hello world", prepend=bos) == [bos] + body
     assert tok.encode(["hello world", ""], prepend="<|bos|>") == [[bos] + body, [bos]]
     assert tok.decode([bos] + body) == "<|bos|>hello world"
-
-
-def test_rustbpe_encode_agrees_with_tiktoken():
-    """rustbpe's own encoder (pair merges) and tiktoken on our ranks must give the same ids,
-    or the model would be trained on ids the trainer never meant."""
-    from rustbpe import Tokenizer as BPETrainer
-
-    trainer = BPETrainer()
-    trainer.train_from_iterator(iter(CORPUS), VOCAB - len(SPECIAL_TOKENS))
-    ours = Tokenizer(dict(trainer.get_mergeable_ranks()), trainer.get_pattern())
-    for text in CORPUS + ["zebra quokka 1234567 ünïcödé 🙂 \n\n\t x"]:
-        assert list(trainer.encode(text)) == ours.encode(text)
 
 
 # ---------------------------------------------------------------------------
@@ -123,19 +110,6 @@ def test_render_conversation_ids_and_mask(tok):
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == (
         "Let me compute. <|python_start|>2+3<|python_end|>It is 5.<|assistant_end|>You're welcome.<|assistant_end|>")
     assert tok.render_conversation(CONVERSATION, max_tokens=7) == (ids[:7], mask[:7])
-
-
-def test_render_conversation_exact_mask_with_empty_texts(tok):
-    s = tok.encode_special
-    conv = {"messages": [
-        {"role": "user", "content": ""},
-        {"role": "assistant", "content": [{"type": "python", "text": ""}, {"type": "python_output", "text": ""}]},
-    ]}
-    ids, mask = tok.render_conversation(conv)
-    assert ids == [s("<|bos|>"), s("<|user_start|>"), s("<|user_end|>"), s("<|assistant_start|>"),
-                   s("<|python_start|>"), s("<|python_end|>"), s("<|output_start|>"), s("<|output_end|>"),
-                   s("<|assistant_end|>")]
-    assert mask == [0, 0, 0, 0, 1, 1, 0, 0, 1]
 
 
 def test_render_for_completion(tok):
@@ -205,7 +179,8 @@ def test_token_bytes(tok, base_dir):
     import torch
 
     lengths = tok.token_bytes()
-    assert lengths == [len(tok.id_to_token_bytes(i)) for i in range(tok.get_bos_token_id())] + [0] * len(SPECIAL_TOKENS)
+    ordinary = [len(tok.enc.decode_single_token_bytes(i)) for i in range(tok.get_bos_token_id())]
+    assert lengths == ordinary + [0] * len(SPECIAL_TOKENS)
     # summing token_bytes over an encoding gives the text's UTF-8 length (what bits-per-byte needs)
     text = SAMPLES["non-English"]
     assert sum(lengths[i] for i in tok.encode(text)) == len(text.encode("utf-8"))

@@ -11,25 +11,14 @@ rendering of conversations into token ids with a loss mask.
 Token ids: 0..255 are the 256 single bytes, 256..N-1 the merges in the order they were
 learned (a token's id is its BPE rank), then the special tokens N..N+8 in SPECIAL_TOKENS order.
 Ordinary text is always encoded as plain text: "<|bos|>" inside a document is just characters;
-special tokens only come from `encode_special`, `prepend`/`append` and the chat renderers.
+special tokens only come from `encode_special`, `prepend` and the chat renderers.
 
-On-disk format (a directory, version 1; plain text, no pickles):
-
-  mergeable_ranks.tiktoken   tiktoken's own BPE file: one line per mergeable token, sorted by
-                             rank, "<base64 of the token's raw bytes> <rank>\\n". Ranks are
-                             0..N-1 without gaps; ranks 0..255 are the single bytes.
-                             (`tiktoken.load.load_tiktoken_bpe` reads it too.)
-  tokenizer.json             {"format": "speedchat-tokenizer", "version": 1,
-                              "pattern": <pre-split regex, fancy-regex syntax>,
-                              "num_mergeable": N, "vocab_size": N + 9,
-                              "special_tokens": {"<|bos|>": N, "<|user_start|>": N + 1, ...},
-                              "mergeable_ranks_sha256": <sha256 of mergeable_ranks.tiktoken>}
-  token_bytes.pt             (written by `python -m tokenizer.train`) torch LongTensor[vocab_size]:
-                             the byte length of each token, 0 for special tokens; used to
-                             turn a loss into bits per byte.
-
-`tokenizer.json` is written last and pins the hash of the ranks file, so a half-finished save
-is detected on load instead of silently pairing new merges with old special-token ids.
+On disk (a directory; plain text, no pickles): mergeable_ranks.tiktoken, tiktoken's own BPE file
+("<base64 of the token's bytes> <rank>" per line, ranks 0..N-1); tokenizer.json (format version,
+pattern, special-token ids, and the sha256 of the ranks file); token_bytes.pt (written by
+`python -m tokenizer.train`), the byte length of each token id, 0 for specials, which turns a loss
+into bits per byte. tokenizer.json is written last and pins the ranks file's hash, so a half-finished
+save is detected on load instead of silently pairing new merges with old special-token ids.
 """
 
 import base64
@@ -60,7 +49,7 @@ TOKEN_BYTES_FILE = "token_bytes.pt"
 
 
 class Tokenizer:
-    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN, name: str = "speedchat"):
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN):
         n = len(mergeable_ranks)
         # every byte needs a token so that any text can be encoded; ranks are ids, so 0..N-1
         assert sorted(mergeable_ranks.values()) == list(range(n)), "mergeable ranks must be 0..N-1"
@@ -68,7 +57,7 @@ class Tokenizer:
         self.mergeable_ranks = dict(mergeable_ranks)
         self.pattern = pattern
         self.special_tokens = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=self.mergeable_ranks,
+        self.enc = tiktoken.Encoding("speedchat", pat_str=pattern, mergeable_ranks=self.mergeable_ranks,
                                      special_tokens=self.special_tokens)
         self.bos_token_id = self.special_tokens["<|bos|>"]
 
@@ -141,24 +130,17 @@ class Tokenizer:
     def encode_special(self, name: str) -> int:
         return self.special_tokens[name]
 
-    def _token_id(self, token) -> int:
-        return self.encode_special(token) if isinstance(token, str) else int(token)
-
-    def encode(self, text, prepend=None, append=None, num_threads: int = 8):
+    def encode(self, text, prepend=None, num_threads: int = 8):
         """str -> list[int]; list[str] -> list[list[int]] (encoded in parallel).
-        prepend/append: a token id or a special-token name, added to every row."""
-        head = [self._token_id(prepend)] if prepend is not None else []
-        tail = [self._token_id(append)] if append is not None else []
+        prepend: a token id or a special-token name, put before every row."""
+        head = [] if prepend is None else [self.encode_special(prepend) if isinstance(prepend, str) else prepend]
         if isinstance(text, str):
-            return head + self.enc.encode_ordinary(text) + tail
+            return head + self.enc.encode_ordinary(text)
         rows = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
-        return [head + row + tail for row in rows] if head or tail else rows
+        return [head + row for row in rows] if head else rows
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
-
-    def id_to_token_bytes(self, token_id: int) -> bytes:
-        return self.enc.decode_single_token_bytes(token_id)
 
     def token_bytes(self) -> list[int]:
         """Byte length of every token id (0 for special tokens: they stand for no text)."""
@@ -211,16 +193,6 @@ class Tokenizer:
             messages = messages[:-1]
         ids, _ = self.render_conversation({"messages": messages}, max_tokens=10**12)
         return ids + [self.special_tokens["<|assistant_start|>"]]
-
-    def visualize(self, ids, mask) -> str:
-        """Debug view: supervised runs in green, the rest in grey (ANSI colours)."""
-        out, start = [], 0
-        for i in range(1, len(ids) + 1):
-            if i == len(ids) or mask[i] != mask[start]:
-                colour = "\033[92m" if mask[start] else "\033[90m"
-                out.append(colour + self.decode(ids[start:i]) + "\033[0m")
-                start = i
-        return "".join(out)
 
 
 PART_TYPES = ("text", "python", "python_output")

@@ -157,9 +157,9 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="*", default=None,
                    help="parquet/.txt files or folders; the last file is the validation text "
                         "(default: the stdlib-docs source's validation split, when available)")
-    p.add_argument("--source", default="",
+    p.add_argument("--source", default="stdlib-docs",
                    help="dataset source whose validation split is measured when no --data is given "
-                        "(fineweb-edu | stdlib-docs | dir:PATH; default stdlib-docs)")
+                        "(fineweb-edu | stdlib-docs | dir:PATH; default %(default)s)")
     p.add_argument("--doc-cap", type=int, default=10000,
                    help="characters per document read from --data (default: %(default)s)")
     p.add_argument("--max-val-chars", type=float, default=5e6,
@@ -234,24 +234,17 @@ def load_gpt2(gpt2_dir, offline: bool):
 
 def validation_texts(args) -> tuple[list[str] | None, str]:
     """(documents, where they came from), or (None, why there are none)."""
+    import dataset
     from tokenizer.train import iter_file_documents, list_data_files
 
-    if args.data:
-        path = list_data_files(args.data)[-1]
-        docs, where = iter_file_documents(path, args.doc_cap), str(path)
-    else:
-        try:
-            import dataset
-
-            source = args.source or "stdlib-docs"
-            dataset.ensure_source(source)
-            docs, where = dataset.iter_documents(source, "val"), f"{source} (val)"
-        except ImportError:
-            return None, "no --data given and no dataset module"
-        except UserError as e:
-            return None, str(e)
     out, total = [], 0
     try:
+        if args.data:
+            path = list_data_files(args.data)[-1]
+            docs, where = iter_file_documents(path, args.doc_cap), str(path)
+        else:
+            dataset.ensure_source(args.source)
+            docs, where = dataset.iter_documents(args.source, "val"), f"{args.source} (val)"
         for doc in docs:
             out.append(doc[: int(args.max_val_chars) - total])
             total += len(out[-1])
@@ -260,13 +253,6 @@ def validation_texts(args) -> tuple[list[str] | None, str]:
     except UserError as e:
         return None, str(e)
     return out, where
-
-
-def bytes_per_token(encoding, docs: list[str]):
-    """(bytes, tokens) for a list of documents under a tiktoken Encoding."""
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    n_tokens = sum(len(ids) for ids in encoding.encode_ordinary_batch(docs))
-    return n_bytes, n_tokens
 
 
 def main(argv=None):
@@ -289,22 +275,17 @@ def main(argv=None):
         notes.append(f"validation: skipped ({where})")
 
     t0 = time.time()
-    results = {}  # kind -> label -> (tokens, bytes/token) or None
+    rows = {}  # kind -> (UTF-8 bytes, {label: tokens, None where that encoding is n/a})
     for kind, docs in texts.items():
-        results[kind] = {}
-        for label, enc in encodings.items():
-            if enc is None:
-                results[kind][label] = None
-                continue
-            n_bytes, n_tokens = bytes_per_token(enc, docs)
-            results[kind][label] = (n_bytes, n_tokens, n_bytes / max(n_tokens, 1))
+        tokens = {lb: sum(map(len, enc.encode_ordinary_batch(docs))) if enc else None for lb, enc in encodings.items()}
+        rows[kind] = (sum(len(d.encode("utf-8")) for d in docs), tokens)
+    ratio = lambda n_bytes, n: n_bytes / max(n, 1)  # noqa: E731  (bytes per token)
 
     labels = list(encodings)
     header = "| text | bytes | " + " | ".join(f"{lb} tokens | {lb} bytes/token" for lb in labels) + " |"
     lines = [header, "|" + "---|" * (2 + 2 * len(labels))]
-    for kind, row in results.items():
-        n_bytes = next((r[0] for r in row.values() if r), 0)
-        cells = [f"{r[1]:,} | {r[2]:.2f}" if r else "n/a | n/a" for r in row.values()]
+    for kind, (n_bytes, tokens) in rows.items():
+        cells = [f"{n:,} | {ratio(n_bytes, n):.2f}" if n is not None else "n/a | n/a" for n in tokens.values()]
         lines.append(f"| {kind} | {n_bytes:,} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     text = table + "\n\n" + "\n".join(f"- {n}" for n in notes)
@@ -313,7 +294,8 @@ def main(argv=None):
 
     from report import write_section
 
-    data = {kind: {lb: (round(r[2], 4) if r else None) for lb, r in row.items()} for kind, row in results.items()}
+    data = {kind: {lb: None if n is None else round(ratio(n_bytes, n), 4) for lb, n in tokens.items()}
+            for kind, (n_bytes, tokens) in rows.items()}
     write_section("tokenizer-eval", "Tokenizer evaluation",
                   {"tokenizer": args.tokenizer_dir or str(get_tokenizer_dir()), "vocab_size": ours.get_vocab_size(),
                    "bytes_per_token": data}, text="Bytes per token (higher compresses better):\n\n" + text)

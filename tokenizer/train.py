@@ -4,7 +4,8 @@
 
 --data takes parquet files (column `text`), .txt files, or folders of them. In a folder with
 several files the last one (sorted by name) is the validation shard and is not trained on,
-like the dataset's shard layout; files named one by one are all trained on. Without --data the dataset source named by --source (default `stdlib-docs`) is used.
+like the dataset's shard layout; files named one by one are all trained on. Without --data the
+dataset source named by --source (default `stdlib-docs`) is used.
 """
 
 import argparse
@@ -13,29 +14,21 @@ import json
 import time
 from pathlib import Path
 
-from common import UserError, format_seconds, get_base_dir, print0, run_main
+from common import POSITIVE, UserError, checked, format_seconds, get_base_dir, print0, run_main
 from tokenizer import CONFIG_FILE, SPECIAL_TOKENS, Tokenizer, get_tokenizer_dir, save_token_bytes
 
 DATA_SUFFIXES = (".parquet", ".txt")
 
 
-def at_least(lo, kind=int):
-    """argparse type: a `kind` of at least `lo`."""
-    def parse(text):
-        if not kind(text) >= lo:  # NaN fails too
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {text}")
-        return kind(text)
-    return parse
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the speedchat BPE tokenizer.")
-    p.add_argument("--vocab-size", type=at_least(256 + len(SPECIAL_TOKENS)), default=65536,
+    min_vocab = 256 + len(SPECIAL_TOKENS)  # every byte and every special token
+    p.add_argument("--vocab-size", type=checked(int, lambda v: v >= min_vocab, f"at least {min_vocab}"), default=65536,
                    help="vocabulary size, including the 9 special tokens (default: %(default)s); more than the "
                         "training text can give is refused")
-    p.add_argument("--max-chars", type=at_least(1, float), default=2e9,
+    p.add_argument("--max-chars", type=checked(float, lambda v: v >= 1, "at least 1"), default=2e9,
                    help="train on at most this many characters (default: %(default)g)")
-    p.add_argument("--doc-cap", type=at_least(1), default=10000,
+    p.add_argument("--doc-cap", type=POSITIVE, default=10000,
                    help="use at most this many characters of each document (default: %(default)s)")
     p.add_argument("--source", default="stdlib-docs",
                    help="dataset source used when --data is not given: stdlib-docs | fineweb-edu | dir:PATH "
@@ -118,9 +111,8 @@ def iter_source_documents(args):
         return
     import dataset
 
-    source = getattr(args, "source", None) or "stdlib-docs"
-    dataset.ensure_source(source)
-    for doc in dataset.iter_documents(source, "train"):
+    dataset.ensure_source(args.source)
+    for doc in dataset.iter_documents(args.source, "train"):
         yield doc[:args.doc_cap]
 
 

@@ -7,7 +7,6 @@
 //! tok.get_pattern()          # the split regex used (GPT-4 style by default)
 //! tok.get_mergeable_ranks()  # [(bytes, rank)], ready for tiktoken.Encoding(mergeable_ranks=...)
 //! tok.get_merges()           # [(left_id, right_id)], merge i made token 256 + i
-//! tok.encode("hello")        # list[int], identical to tiktoken built from the ranks above
 //! ```
 //!
 //! Token ids 0..=255 are the single bytes (rank == byte value); merge i creates token 256 + i.
@@ -357,7 +356,7 @@ fn learn_merges(mut words: Words, n_merges: usize) -> Vec<(u32, u32)> {
 // ---------------------------------------------------------------------------------------
 // Python API
 
-/// Byte-level BPE tokenizer: train it, export its ranks for tiktoken, encode.
+/// Byte-level BPE trainer: train it, export its ranks for tiktoken (which does the encoding).
 ///
 /// Ids 0..255 are the single bytes, merge i makes id 256 + i. Each training step merges the
 /// adjacent pair with the highest count; equal counts go to the smallest (left_id, right_id),
@@ -367,8 +366,6 @@ pub struct Tokenizer {
     pattern: String,
     splitter: Splitter,
     merges: Vec<(u32, u32)>,
-    /// token bytes -> id, for encode (same algorithm as tiktoken)
-    encoder: AHashMap<Vec<u8>, u32>,
     token_bytes: Vec<Vec<u8>>,
 }
 
@@ -379,38 +376,8 @@ impl Tokenizer {
             let bytes = [token_bytes[a as usize].as_slice(), token_bytes[b as usize].as_slice()].concat();
             token_bytes.push(bytes);
         }
-        // Should two merges ever spell the same bytes, the later rank wins, as in the dict
-        // that tiktoken is given.
-        self.encoder = token_bytes.iter().enumerate().map(|(id, bytes)| (bytes.clone(), id as u32)).collect();
         self.token_bytes = token_bytes;
         self.merges = merges;
-    }
-
-    /// tiktoken's algorithm: a chunk that is a token is that token; otherwise repeatedly merge
-    /// the adjacent parts whose concatenation has the lowest rank (leftmost on ties).
-    fn encode_chunk(&self, piece: &[u8], out: &mut Vec<u32>) {
-        if let Some(&id) = self.encoder.get(piece) {
-            out.push(id);
-            return;
-        }
-        let mut bounds: Vec<usize> = (0..=piece.len()).collect();
-        while bounds.len() > 2 {
-            let mut best: Option<(u32, usize)> = None;
-            for i in 0..bounds.len() - 2 {
-                if let Some(&rank) = self.encoder.get(&piece[bounds[i]..bounds[i + 2]]) {
-                    if best.is_none_or(|(r, _)| rank < r) {
-                        best = Some((rank, i));
-                    }
-                }
-            }
-            match best {
-                Some((_, i)) => {
-                    bounds.remove(i + 1);
-                }
-                None => break,
-            }
-        }
-        out.extend(bounds.windows(2).map(|w| self.encoder[&piece[w[0]..w[1]]]));
     }
 }
 
@@ -422,7 +389,6 @@ impl Tokenizer {
             pattern: DEFAULT_PATTERN.to_string(),
             splitter: Splitter::Default,
             merges: Vec::new(),
-            encoder: AHashMap::new(),
             token_bytes: Vec::new(),
         };
         tok.set_merges(Vec::new());
@@ -513,17 +479,6 @@ impl Tokenizer {
     fn get_vocab_size(&self) -> usize {
         self.token_bytes.len()
     }
-
-    /// Token ids of `text`, identical to tiktoken.Encoding(pat_str=get_pattern(),
-    /// mergeable_ranks=dict(get_mergeable_ranks())).encode_ordinary(text).
-    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
-        py.allow_threads(|| -> Result<Vec<u32>, String> {
-            let mut out = Vec::with_capacity(text.len() / 3);
-            self.splitter.for_each_chunk(text, |chunk| self.encode_chunk(chunk.as_bytes(), &mut out))?;
-            Ok(out)
-        })
-        .map_err(PyRuntimeError::new_err)
-    }
 }
 
 /// Testing aid: the chunks of `text` under `pattern` (default pattern when None), with the
@@ -540,8 +495,8 @@ fn _split(text: &str, pattern: Option<&str>, use_regex: bool) -> PyResult<Vec<St
 }
 
 /// Fast, deterministic byte-level BPE training: Tokenizer().train_from_iterator(texts,
-/// vocab_size, pattern=None), get_pattern(), get_mergeable_ranks() (for tiktoken), get_merges(),
-/// encode(text). Ties between equally frequent pairs go to the smallest (left_id, right_id).
+/// vocab_size, pattern=None), get_pattern(), get_mergeable_ranks() (for tiktoken), get_merges().
+/// Ties between equally frequent pairs go to the smallest (left_id, right_id).
 #[pymodule]
 fn rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;
@@ -558,10 +513,6 @@ mod tests {
         let mut counters: Vec<ChunkCounts> = (0..3).map(|_| ChunkCounts::default()).collect();
         count_batch(&Splitter::Default, texts, &mut counters).unwrap();
         merge_counters(counters)
-    }
-
-    fn train(texts: &[&str], n_merges: usize) -> Vec<(u32, u32)> {
-        learn_merges(count(texts).into_words().unwrap(), n_merges)
     }
 
     #[test]
@@ -589,23 +540,5 @@ mod tests {
         naive.sort();
         assert_eq!(ours, naive);
         assert!(!counts.long.is_empty());
-    }
-
-    #[test]
-    fn overlapping_pairs() {
-        // "aaaa": (a,a) count 3 -> merged to "AA" (z,z), then (z,z).
-        let m = train(&["aaaa"], 5);
-        assert_eq!(m, vec![(97, 97), (256, 256)]);
-        // "aaa": (a,a) x2 -> "A a" (z, a)
-        assert_eq!(train(&["aaa"], 5), vec![(97, 97), (256, 97)]);
-    }
-
-    #[test]
-    fn tie_goes_to_smallest_pair() {
-        // "ab" and "cd" once each: (a,b) < (c,d), whatever the input order.
-        assert_eq!(train(&["ab", "cd"], 1), vec![(97, 98)]);
-        assert_eq!(train(&["cd", "ab"], 1), vec![(97, 98)]);
-        // A higher count beats a smaller pair.
-        assert_eq!(train(&["ab", "cd", "cd"], 1), vec![(99, 100)]);
     }
 }

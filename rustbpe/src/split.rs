@@ -271,77 +271,8 @@ mod tests {
         assert_eq!(ours, by_regex(text), "text {text:?}");
     }
 
-    #[test]
-    fn tricky_strings() {
-        let cases = [
-            "",
-            "a",
-            " ",
-            "  ",
-            "\n",
-            "\r\n",
-            " \n ",
-            "hello world",
-            "Hello,  world!!\n\n",
-            "I'm you're he'll we've they'd it's 'S 'LL 'Ve 're 'x ''s",
-            "don'T",
-            "'",
-            "''",
-            "1234567 x12y 3.14",
-            "   leading",
-            "trailing   ",
-            "a  \n\n  b",
-            "\t\tx",
-            "\u{a0}word",
-            "ſ 'ſ 'K 'k",
-            "日本語のテキスト123",
-            "Ünïcödé ñ",
-            "émoji 😀😀 ok",
-            "x\r\r\n\ny",
-            " !!!\n\n",
-            "  !!",
-            "!?x",
-            "(hello)",
-            " (\n",
-            "\u{2028}a\u{2029}",
-            "\u{3000}字",
-            "٣٤٥ ²³ Ⅻ",
-            "\u{1c}\u{1d}x",
-            "a\u{0301}b",
-            "-- --\n--",
-            "'ll've're",
-            "x 'll",
-            "\u{0}\u{7f}a",
-            "   \t\n\t  x",
-            "a\n \n",
-            "\n\n\n",
-            "$ 100",
-            "foo\u{200b}bar",
-        ];
-        for c in cases {
-            check(c);
-        }
-    }
-
-    #[test]
-    fn random_strings() {
-        // Small deterministic PRNG (xorshift) over an alphabet full of class edge cases.
-        let alphabet: Vec<char> =
-            "aZ'sStTlLvVeErRdDmM0123456789 \t\n\r!?.,-(\u{a0}\u{3000}\u{2028}ſé日😀²Ⅻ\u{301}\u{1c}_".chars().collect();
-        let mut state: u64 = 0x9E3779B97F4A7C15;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        for _ in 0..20000 {
-            let len = (next() % 24) as usize;
-            let s: String = (0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect();
-            check(&s);
-        }
-    }
-
+    // Hand-picked strings and random ones over the classes' edge cases are checked against both
+    // regex engines by tests/test_rustbpe.py; this exhaustive check is too slow for the suite.
     #[test]
     fn every_char_in_context() {
         // Every scalar value after a space, before a letter, after an apostrophe, before a
