@@ -55,7 +55,7 @@ def test_rollout_keeps_the_stop_token_and_the_forced_mask():
     assert chat_rl.rollout(engine, [1], 2, 3, seed=0) == [([5, 9], [1, 1]), ([6, 7, 9], [0, 1, 1])]
 
 
-def one_step(tokenizer, rank, world_size):
+def one_step(tokenizer, rank, world_size, check_loss=False):
     """(loss, gradients averaged over ranks) of one RL step on 4 arithmetic problems, rewarded by
     the parity of the answer's length (a reward a tiny model earns half the time)."""
     from engine import Engine
@@ -68,7 +68,16 @@ def one_step(tokenizer, rank, world_size):
                            log_every=1)
     grader = SimpleNamespace(evaluate=lambda conversation, text: len(text) % 2 == 0)
     problems = chat_rl.Problems(Arithmetic(size=4), rank, world_size)
-    loss, _ = chat_rl.rl_step(run, args, Engine(model, tokenizer), problems, grader, max_len=64)()
+    loss, trained = chat_rl.rl_step(run, args, Engine(model, tokenizer), problems, grader, max_len=64)()
+    if check_loss:  # the same answers again: -log p x (reward - its group's mean), averaged over sampled tokens
+        rows = []
+        for draw, conversation in chat_rl.Problems(Arithmetic(size=4), 0, 1).take(4):
+            prompt, answers, rewards = chat_rl.sample_and_score(run, args, Engine(model, tokenizer), grader,
+                                                                conversation, 3, 64, chat_rl.sample_seed(7, draw))
+            rows += [(prompt, *answer, r - sum(rewards) / 3) for answer, r in zip(answers, rewards)]
+        assert trained == sum(sum(sampled) for _, _, sampled, _ in rows)
+        expected = sum(chat_rl.policy_loss(model, *chat_rl.pad_rows([row], 0)) for row in rows) / trained
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     for g in grads:
         if world_size > 1:
@@ -89,7 +98,7 @@ def _two_rank_worker(rank, init_file, out_dir):
 def test_a_step_on_two_ranks_equals_one_rank(base_dir, tmp_path):
     from tokenizer import get_tokenizer
 
-    loss, grads, reward = one_step(get_tokenizer(), 0, 1)
+    loss, grads, reward = one_step(get_tokenizer(), 0, 1, check_loss=True)
     assert 0 < reward[0] < 1 and all(g.abs().sum() > 0 for g in grads)
     torch.multiprocessing.start_processes(_two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
                                           start_method="fork")
