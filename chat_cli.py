@@ -12,17 +12,13 @@ import sys
 import argparse
 
 from common import POSITIVE, RATE, UserError, checked, resolve_device, run_main
-from engine import StreamDecoder, add_decode_flags, fit_prompt, load_engine, shown
+from engine import StreamDecoder, add_model_flags, fit_prompt, load_engine, shown
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with a speedchat model in the terminal.")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
-    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"],
-                   help="which stage's checkpoint to load")
-    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. d20 (default: the latest written)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-    p.add_argument("--device", default=None, help="cuda|cpu|mps (default: autodetect)")
+    add_model_flags(p, "load")
     p.add_argument("--temperature", type=RATE, default=0.6, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=checked(int, lambda v: v >= 0, ">= 0"), default=50,
                    help="sample among the k most likely tokens (0 = all)")
@@ -30,7 +26,6 @@ def parse_args(argv=None):
                    help="nucleus sampling: smallest set with this much mass, in (0, 1]")
     p.add_argument("--max-tokens", type=POSITIVE, default=512, help="at most this many tokens per reply")
     p.add_argument("--seed", type=int, default=42, help="random seed (each reply uses seed + turn number)")
-    add_decode_flags(p)
     return p.parse_args(argv)
 
 

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import UserError, checked, print0, resolve_device, run_main
-from engine import StreamDecoder, add_decode_flags, fit_prompt, load_engine, shown
+from engine import StreamDecoder, add_model_flags, fit_prompt, load_engine, shown
 from tokenizer import conversation_problem
 
 
@@ -332,11 +332,7 @@ def number(kind, lo, hi=math.inf):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Serve a speedchat model: a chat page and an OpenAI-compatible API.")
-    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"],
-                   help="which stage's checkpoint to serve")
-    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. d20 (default: the latest written)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-    p.add_argument("--device", default=None, help="cuda|cpu|mps (default: autodetect)")
+    add_model_flags(p, "serve")
     p.add_argument("--num-gpus", type=int, default=0, help="on CUDA, serve one model on each of this many GPUs (0 = all)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
     p.add_argument("--port", type=number(int, 1, 65535), default=8000, help="port to listen on")
@@ -351,7 +347,6 @@ def parse_args(argv=None):
     p.add_argument("--max-prompt-tokens", type=number(int, 0), default=0,
                    help="longest prompt in tokens (0 = the model's context)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (debug|info|warning|error)")
-    add_decode_flags(p)
     args = p.parse_args(argv)
     if (args.max_tokens or 0) > args.max_tokens_limit:
         p.error(f"--max-tokens {args.max_tokens} is above --max-tokens-limit {args.max_tokens_limit}")

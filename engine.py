@@ -335,8 +335,13 @@ class Engine:
 # ---------------------------------------------------------------------------
 # Loading a model to chat with (chat_cli, chat_web)
 
-def add_decode_flags(p):
-    """chat_cli's and chat_web's switch for how the decode steps run (see Engine)."""
+def add_model_flags(p, verb):
+    """chat_cli's and chat_web's flags: which checkpoint to `verb`, where, and how the decode steps run."""
+    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"],
+                   help=f"which stage's checkpoint to {verb}")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. d20 (default: the latest written)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--device", default=None, help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--decode", default="auto", choices=DECODE_MODES,
                    help="compiled: one static decode step under torch.compile with CUDA graphs (fast tokens "
                         "after a compilation of tens of seconds on the first reply); eager: the plain KV-cached "
