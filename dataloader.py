@@ -349,7 +349,9 @@ class _Packer:
             last = src["unit"] + 1 == self.num_units[s]
             src["epoch"], src["unit"], src["doc"] = src["epoch"] + last, 0 if last else src["unit"] + 1, 0
             self.current[s] = None
-            if last and self.fixed["split"] == "train":  # (read ahead of training by the buffer)
+            # a pretraining source that repeats is news (read ahead of training by the buffer); the chat
+            # stages' conversations, validation sets included, are looped over by design
+            if last and self.fixed["split"] == "train" and src["name"] != "conversations":
                 print0(f"data: {src['name']}: epoch {src['epoch'] + 1} begins: its documents repeat")
         return True
 
