@@ -126,7 +126,8 @@ stage() {
     echo "$cmd" > "$DONE/$name"
     echo "== $name: $((SECONDS - t0))s"
 }
-RUN="$PY -m torch.distributed.run --standalone --nproc_per_node=$(( NGPU > 0 ? NGPU : 1 ))"
+# torchrun on GPUs; the CPU presets' one process runs without the launcher (a second torch import per stage)
+RUN=$([ "$NGPU" -gt 0 ] && echo "$PY -m torch.distributed.run --standalone --nproc_per_node=$NGPU" || echo "$PY")
 
 stage report-reset $PY -m report reset --preset "$PRESET"
 
@@ -151,14 +152,14 @@ if [ "$PRESET" = gpu ]; then
     round_up() { echo $(( ($1 + $2 - 1) / $2 * $2 )); }
     TOKENS_PER_STEP=$(round_up 524288 $((DEVICE_BATCH * 2048 * NGPU)))   # the plan's rows of 2048 tokens per GPU
     SFT_EXAMPLES=$(round_up 32 $((4 * NGPU)))                  # 4 conversations per GPU
-    stage base-train --resumes base $RUN -m base_train -- --depth "$DEPTH" --source "$SOURCE" --target-param-data-ratio 8 \
+    stage base-train --resumes base $RUN -m base_train --depth "$DEPTH" --source "$SOURCE" --target-param-data-ratio 8 \
         --device-batch-size "$DEVICE_BATCH" $FP8
     stage base-eval $RUN -m base_eval
-    stage mid-train --resumes mid $RUN -m mid_train -- --preset full --device-batch-size "$DEVICE_BATCH" \
+    stage mid-train --resumes mid $RUN -m mid_train --preset full --device-batch-size "$DEVICE_BATCH" \
         --total-batch-size $TOKENS_PER_STEP
-    stage chat-eval-mid $RUN -m chat_eval -- --source mid
-    stage chat-sft --resumes sft $RUN -m chat_sft -- --preset full --examples-per-step $SFT_EXAMPLES
-    stage chat-eval-sft $RUN -m chat_eval -- --source sft
+    stage chat-eval-mid $RUN -m chat_eval --source mid
+    stage chat-sft --resumes sft $RUN -m chat_sft --preset full --examples-per-step $SFT_EXAMPLES
+    stage chat-eval-sft $RUN -m chat_eval --source sft
     # RL: one pass over GSM8K train, 16 problems (rounded up to the GPUs) x 16 answers per step: ~470 steps
     RL_FLAGS="--preset full --examples-per-step $(round_up 16 $NGPU)" RL_EVAL="--task-name GSM8K"
 else
@@ -183,22 +184,22 @@ else
     stage data $PY -m dataset --source "$SOURCE" -n "${SPEEDCHAT_SHARDS:-4}"
     stage tokenizer-train $PY -m tokenizer.train --source "$SOURCE" --vocab-size $VOCAB --max-chars $CHARS --force
     stage tokenizer-eval $PY -m tokenizer.eval --source "$SOURCE"
-    stage base-train --resumes base $RUN -m base_train -- --depth "$DEPTH" --source "$SOURCE" --max-seq-len $T $TRAIN \
+    stage base-train --resumes base $RUN -m base_train --depth "$DEPTH" --source "$SOURCE" --max-seq-len $T $TRAIN \
         --eval-every 100 --eval-tokens 32768 --save-every 100
-    stage base-eval $RUN -m base_eval -- --eval bpb,sample --split-tokens 32768
-    stage mid-train --resumes mid $RUN -m mid_train -- --preset offline --max-seq-len $T --device-batch-size 8 \
+    stage base-eval $RUN -m base_eval --eval bpb,sample --split-tokens 32768
+    stage mid-train --resumes mid $RUN -m mid_train --preset offline --max-seq-len $T --device-batch-size 8 \
         --num-iterations 150 --eval-every 25 --eval-tokens 16384
-    stage chat-eval-mid $RUN -m chat_eval -- --source mid --max-problems 50
-    stage chat-sft --resumes sft $RUN -m chat_sft -- --preset offline --device-batch-size 8 --num-iterations 100 \
+    stage chat-eval-mid $RUN -m chat_eval --source mid --max-problems 50
+    stage chat-sft --resumes sft $RUN -m chat_sft --preset offline --device-batch-size 8 --num-iterations 100 \
         --eval-every 20 --eval-examples 256
-    stage chat-eval-sft $RUN -m chat_eval -- --source sft --max-problems 50
+    stage chat-eval-sft $RUN -m chat_eval --source sft --max-problems 50
     # RL on arithmetic, briefly; the tiny model needs a larger fraction of the lr (0.5 collapses it)
     RL_FLAGS="--preset offline --num-iterations 20 --examples-per-step 8 --num-samples 8 --max-new-tokens 64
               --eval-problems 32 --device-batch-size 32 --init-lr-frac 0.2" RL_EVAL="--max-problems 50"
 fi
 if [ "${SPEEDCHAT_SKIP_RL:-0}" != 1 ]; then
-    stage chat-rl --resumes rl $RUN -m chat_rl -- $RL_FLAGS
-    stage chat-eval-rl $RUN -m chat_eval -- --source rl $RL_EVAL
+    stage chat-rl --resumes rl $RUN -m chat_rl $RL_FLAGS
+    stage chat-eval-rl $RUN -m chat_eval --source rl $RL_EVAL
 fi
 
 $PY -m report generate --out-dir "$CALLER_DIR"
