@@ -34,9 +34,6 @@ class ARC(MultipleChoiceTask):
     def name(self):
         return self.subset
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         question, choices, answer = parse_row(self.rows[index])
         return mc_conversation(question, choices, answer)

@@ -30,9 +30,10 @@ from tokenizer import conversation_problem
 
 class Task:
     """A list of conversations, viewed through a slice: task[i] is example start + i*step.
-    Subclasses implement num_examples() and get_example(index); eval tasks also set
-    eval_type ("categorical": the answer is one of conversation["letters"]; "generative":
-    the model writes an answer) and implement evaluate(conversation, completion) -> bool."""
+    Subclasses implement get_example(index) and, unless they keep a dataset's `rows`,
+    num_examples(); eval tasks also set eval_type ("categorical": the answer is one of
+    conversation["letters"]; "generative": the model writes an answer) and implement
+    evaluate(conversation, completion) -> bool."""
 
     eval_type = None
 
@@ -43,6 +44,9 @@ class Task:
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def num_examples(self):
+        return len(self.rows)
 
     def __len__(self):
         stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())

@@ -47,9 +47,6 @@ class GSM8K(Task):
         self.rows = load_rows("openai/gsm8k", subset, split, path, "GSM8K", self.path_flag,
                               "the GSM8K jsonl with question and answer fields")
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         return {

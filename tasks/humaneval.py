@@ -40,9 +40,6 @@ class HumanEval(Task):
                               self.path_flag, "HumanEval.jsonl with task_id, prompt, canonical_solution, "
                               "test, entry_point")
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         return {

@@ -73,9 +73,6 @@ class MMLU(MultipleChoiceTask):
         n = len(self.rows)
         self.order = np.random.default_rng(42).permutation(n) if shuffle else np.arange(n)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[int(self.order[index])]
         if "train" in row and isinstance(row["train"], dict):

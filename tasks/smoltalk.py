@@ -89,9 +89,6 @@ class SmolTalk(Task):
                    f"user/assistant exchange")
         self.rows = rows
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         if isinstance(row, dict):  # a Hub row, converted on demand (the loader kept only usable rows)
