@@ -169,8 +169,12 @@ class GPT(nn.Module):
         self.config = config
         self.padded_vocab_size = -(-config.vocab_size // 64) * 64
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
-        self.wte = nn.Embedding(self.padded_vocab_size, config.n_embd)
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
+        # embeddings and rotary tables left unfilled: init_weights sets every weight and computes the
+        # tables (any math on the meta device, where checkpoints are built, imports torch._dynamo: ~1 s)
+        vocab = self.padded_vocab_size
+        embedding = lambda dim: nn.Embedding(vocab, dim, _weight=torch.empty(vocab, dim))  # noqa: E731
+        self.wte = embedding(config.n_embd)
+        self.value_embeds = nn.ModuleDict({str(i): embedding(kv_dim)
                                            for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)})
         self.smear_gate = nn.Linear(min(SMEAR_CHANNELS, config.n_embd), 1, bias=False)
         self.smear_lambda = nn.Parameter(torch.zeros(()))
@@ -179,7 +183,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i, w) for i, w in enumerate(layer_windows(config)))
         self.backout_lambda = nn.Parameter(torch.zeros(()))
         self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
-        self._set_rotary(10 * config.sequence_len, device=None)
+        rotary_shape = (1, 10 * config.sequence_len, 1, config.n_embd // config.n_head)
+        self.register_buffer("cos", torch.empty(rotary_shape), persistent=False)
+        self.register_buffer("sin", torch.empty(rotary_shape), persistent=False)
 
     def _set_rotary(self, seq_len, device):
         cos, sin = rotary_tables(seq_len, self.config.n_embd // self.config.n_head, device=device)
