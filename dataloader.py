@@ -84,7 +84,7 @@ class DataLoader:
         self.buffer_size = max(1, min(buffer_size, sum(self.docs_per_epoch)))  # never 2 copies of a tiny corpus
         self.max_wait = max(2 * self.buffer_size, sum(self.docs_per_epoch))  # no document waits longer than an epoch
         self._state = dict(version=STATE_VERSION, schedule=[list(s) for s in self.schedule], split=split, rank=rank,
-                           world_size=world_size, batches=0, seq=0, stage=0, pending=[],
+                           world_size=world_size, batches=0, rows=0, seq=0, stage=0, pending=[],
                            sources=[dict(name=name, epoch=0, unit=0, doc=0, drawn=0, stage_tokens=0, stage_placed=0,
                                          docs=0, tokens=0, cropped=0) for name in self.sources])
         self._workers = None
@@ -286,6 +286,7 @@ class _Packer:
         self.num_units = [len(units) for units in loader.units]
         self.fixed = {k: state[k] for k in ("version", "schedule", "split", "rank", "world_size")}
         self.batches, self.stage = state["batches"], state["stage"]
+        self.rows = state.get("rows", self.batches * self.B)  # rows made: a resume may use another B
         self.sources = [{"stage_placed": 0, **src} for src in state["sources"]]  # positions, counts (0: older states)
         self.current = [None] * len(self.sources)  # each one's row group being drawn from (token arrays)
         self.pending = {}  # seq -> (source, unit, doc, tokens), in the order the documents arrived
@@ -315,7 +316,7 @@ class _Packer:
 
     def _pick(self) -> int:
         """The source of the next document: the one furthest behind its share of this stage."""
-        stage = bisect.bisect_right([first for first, _ in self.schedule], self.batches * self.B) - 1
+        stage = bisect.bisect_right([first for first, _ in self.schedule], self.rows) - 1
         if stage != self.stage:  # shares count from the switch on
             self.stage = stage
             for src in self.sources:
@@ -403,12 +404,12 @@ class _Packer:
         for row in rows:
             if not self._fill_row(row):
                 return None
-        self.batches += 1
+        self.batches, self.rows = self.batches + 1, self.rows + self.B
         inputs = torch.empty((self.B, self.T), dtype=torch.long, pin_memory=self.pin)
         targets = torch.empty((self.B, self.T), dtype=torch.long, pin_memory=self.pin)
         inputs.numpy()[:] = np.where(rows[:, :-1] < 0, ~rows[:, :-1], rows[:, :-1])
         targets.numpy()[:] = np.maximum(rows[:, 1:], -1)  # a masked token (~id < 0) is target -1
-        state = dict(self.fixed, batches=self.batches, stage=self.stage, seq=self.seq,
+        state = dict(self.fixed, batches=self.batches, rows=self.rows, stage=self.stage, seq=self.seq,
                      sources=[dict(src) for src in self.sources],
                      pending=[(s, u, d, seq) for seq, (s, u, d, _) in self.pending.items()])
         return inputs, targets, state

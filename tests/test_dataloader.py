@@ -237,6 +237,17 @@ def test_resume_gives_the_same_batches_across_a_schedule_switch(tmp_path, capsys
     with pytest.raises(UserError, match="original --source"):
         ref.load_state_dict(dict(ref.state_dict(), schedule=[[0, a]]))
     ref.close()
+    # resumed with another device batch (the trainer halved it): the switch stays at row 24
+    first = loader()
+    take(first, 4)  # 12 rows of 3
+    state = first.state_dict()
+    first.close()
+    capsys.readouterr()
+    half = DataLoader(ByteTokenizer(), B=2, T=40, source=schedule, buffer_size=30)
+    half.load_state_dict(state)
+    take(half, 8)
+    half.close()
+    assert "data: from batch 10 on" in capsys.readouterr().out  # 12 rows + 6 batches of 2 = row 24
 
 
 class ChatTokenizer(ByteTokenizer):
