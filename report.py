@@ -116,25 +116,28 @@ def _load(path: Path) -> dict:
         return {}
 
 
-def run_tag() -> str | None:
-    """The model the report describes: the one the header's run (the speedrun) trained last, else the
-    one trained last by anyone, else the one any section was last written about."""
-    header = _load(report_dir() / "header.json")
+def run_tag(folder: Path | None = None) -> str | None:
+    """The model the report (in `folder`, default report_dir()) describes: the one the header's run (the
+    speedrun) trained last, else the one trained last by anyone, else the one any section was last
+    written about."""
+    folder = folder or report_dir()
+    header = _load(folder / "header.json")
     for pattern in ("*/base-train.json", "*/*.json"):
-        found = [d for d in map(_load, report_dir().glob(pattern)) if d.get("tag")]
+        found = [d for d in map(_load, folder.glob(pattern)) if d.get("tag")]
         ours = [d for d in found if header.get("run") and d.get("run") == header["run"]] or found
         if ours:
             return max(ours, key=lambda d: d.get("written", 0))["tag"]
     return None
 
 
-def read_data(name: str, tag: str | None = None) -> dict:
+def read_data(name: str, tag: str | None = None, folder: Path | None = None) -> dict:
     """Section `name` about the model `tag` (default: run_tag()), or a section about no model (header,
-    tokenizer) of the report's run; {} when there is none."""
-    tag = tag or run_tag()
-    data = _load(report_dir() / tag / f"{name}.json") if tag else {}
+    tokenizer) of the report's run; {} when there is none. folder: another report folder."""
+    folder = folder or report_dir()
+    tag = tag or run_tag(folder)
+    data = _load(folder / tag / f"{name}.json") if tag else {}
     if not data:
-        data, run = _load(report_dir() / f"{name}.json"), _load(report_dir() / "header.json").get("run")
+        data, run = _load(folder / f"{name}.json"), _load(folder / "header.json").get("run")
         data = {} if data.get("tag") or (run and data.get("run") not in (None, run)) else data
     return data
 
@@ -359,12 +362,15 @@ def generate(copy_to: Path | None, gpu_hour_usd: float | None = None, tag: str |
 
 
 def run_sections(run: str) -> dict:
-    """{section: data} of a run: a folder (a base dir holding report/, or a report folder), or a
-    model tag of this base dir (the sections kept for it)."""
+    """{section: data} of a run: in a folder (a base dir holding report/, or a report folder) the model
+    its report describes (as `generate` picks it, never a side experiment's), or a model tag of this
+    base dir (the sections kept for it)."""
     folder = Path(run).expanduser()
     folder = folder / "report" if (folder / "report").is_dir() else folder
-    folder = folder if folder.is_dir() else report_dir() / run
-    return {p.stem: _load(p) for p in sorted(folder.glob("*.json")) if p.stem != "header"}
+    if not folder.is_dir():
+        return {p.stem: _load(p) for p in sorted((report_dir() / run).glob("*.json"))}
+    sections = {name: read_data(name, folder=folder) for name in SECTION_ORDER if name != "header"}
+    return {name: data for name, data in sections.items() if data}
 
 
 def metrics(sections: dict) -> dict:

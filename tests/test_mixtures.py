@@ -97,9 +97,16 @@ def test_compare_two_runs_and_two_tags(tmp_path, monkeypatch, capsys):
     assert "| base-eval core | 0.2000 ± 0.0100 | 0.2500 ± 0.0100 | +0.0500 | NO |" in out  # 5 SE > 2 * 1.41 SE
     assert "| base-eval results ARC accuracy | 0.5000 ± 0.0200 | 0.5100 ± 0.0200 | +0.0100 | yes |" in out
     assert "| base-eval bpb val | 0.9000 | 0.8500 | -0.0500 | - |" in out and "seconds" not in out
+    monkeypatch.setenv("SPEEDCHAT_RUN_ID", "run-1")
+    report.reset(3.0)
     for tag, data in runs.items():  # sections of two tags written one after the other: each kept per tag
         report.write_section("base-eval", "Base model evaluation", dict(data, tag=tag))
     assert sorted(report.compare("a", "b")[4:]) == sorted(out.splitlines()[4:])
+    # the base dir's own folder: its run's model ("b", written last), not a later side experiment's
+    monkeypatch.setenv("SPEEDCHAT_RUN_ID", "side")
+    report.write_section("base-eval", "Base model evaluation", dict(runs["a"], tag="side-experiment"))
+    same = "| base-eval core | 0.2500 ± 0.0100 | 0.2500 ± 0.0100 | +0.0000 | yes |"
+    assert same in report.compare("b", str(tmp_path / "base"))
     with pytest.raises(UserError, match="share no metric"):
         report.compare("a", "nope")
     with pytest.raises(SystemExit):
