@@ -68,7 +68,7 @@ def get_args(argv=None):
     p.set_defaults(embedding_lr=0.3, unembedding_lr=0.008, weight_decay=MUON_WEIGHT_DECAY, final_lr_frac=0.05)
     g = p.add_argument_group("pretraining")
     g.add_argument("--source", type=dataset.mixture_name, default="", help=f"pretraining source: {dataset.SOURCES_HELP} "
-                   "('' = fineweb-edu on CUDA, stdlib-docs otherwise)")
+                   "('' = climbmix on CUDA, stdlib-docs otherwise)")
     g.add_argument("--source-schedule", type=dataset.parse_schedule, default=None,
                    help="mixtures that change at fractions of training, replacing --source: "
                         "'0:fineweb-edu;0.8:fineweb-edu:0.7,dir:/data/math:0.3', or a file with one FRACTION:MIXTURE a line")

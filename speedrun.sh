@@ -136,12 +136,14 @@ if [ "$PRESET" = gpu ]; then
     # The plan (plan.py) sizes it for these GPUs first: shards to download, rows per GPU, memory, disk.
     DEPTH=${SPEEDCHAT_DEPTH:-24}; SOURCE=${SPEEDCHAT_SOURCE:-climbmix}
     PLAN="$SPEEDCHAT_BASE_DIR/plan-d$DEPTH.json"
-    $PY -m plan --depth "$DEPTH" --ratio 8 --json --check > "$PLAN" \
-        || { echo "error: d$DEPTH does not fit this machine (see the plan above): free disk, use GPUs with more memory, or SPEEDCHAT_DEPTH=20" >&2; exit 1; }
     plan_value() { $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$PLAN" "$1"; }
+    # the shard and disk check is for the sources it downloads; your own text needs the memory check only
+    case $SOURCE in climbmix|fineweb-edu) CHECK="--source $SOURCE --check" ;; *) CHECK="" ;; esac
+    { $PY -m plan --depth "$DEPTH" --ratio 8 --gpus "$NGPU" $CHECK --json > "$PLAN" && [ "$(plan_value fits)" = True ]; } \
+        || { echo "error: d$DEPTH does not fit this machine (see the plan above): free disk, use GPUs with more memory, or SPEEDCHAT_DEPTH=20" >&2; exit 1; }
     SHARDS=${SPEEDCHAT_SHARDS:-$(plan_value shards_needed)}; DEVICE_BATCH=$(plan_value device_batch_size)
     FP8=$($PY -c 'import torch, fp8; print("--fp8" if fp8.fp8_supported(torch.device("cuda"))[0] else "")')
-    stage data-first $PY -m dataset --source "$SOURCE" -n $(( SHARDS < 8 ? SHARDS : 8 ))
+    stage data $PY -m dataset --source "$SOURCE" -n $(( SHARDS < 8 ? SHARDS : 8 ))
     $PY -m dataset --source "$SOURCE" -n "$SHARDS" > "$SPEEDCHAT_BASE_DIR/download.log" 2>&1 &
     DOWNLOAD_PID=$!
     stage tokenizer-train $PY -m tokenizer.train --source "$SOURCE" --vocab-size 32768 --max-chars 2000000000 --force
