@@ -176,7 +176,8 @@ def main(argv=None):
     try:
         import safetensors, transformers  # noqa: F401
     except ImportError:
-        raise UserError("export needs transformers and safetensors: `bash setup_env.sh` in the repo installs them into .venv")
+        raise UserError("export needs transformers and safetensors: `bash setup_env.sh` in the repo installs "
+                        "them into .venv")
     export(args.source, args.out, args.tag, args.step, args.dtype, args.license)
 
 
