@@ -131,8 +131,9 @@ def model_card(source, meta, license="mit"):
     run's report sections), the report's evaluation table with standard errors, and how to use it."""
     import report
 
-    train, header = report.read_data("base-train"), report.read_data("header")
-    presets = {report.read_data(s).get("preset") for s in ("chat-eval-mid", "chat-eval-sft")}
+    tag = report.run_tag()
+    train, header = report.read_data("base-train", tag), report.read_data("header", tag)
+    presets = {report.read_data(s, tag).get("preset") for s in ("chat-eval-mid", "chat-eval-sft")}
     datasets = [HUB_DATASETS[train["source"]]] if train.get("source") in HUB_DATASETS else []
     datasets += HUB_DATASETS["full"] if "full" in presets else []
     front = ["---", f"license: {license}", "library_name: transformers", "pipeline_tag: text-generation",
@@ -151,7 +152,7 @@ def model_card(source, meta, license="mit"):
     if header.get("gpus"):
         lines.append(f"- machine: {header['gpus']}, torch {header.get('torch')}, code {header.get('git_commit')}")
     lines += [f"- this checkpoint: {source} {meta['tag']} step {meta['step']}", "",
-              "## Evaluation", "", report.summary_table(), "",
+              "## Evaluation", "", report.summary_table(tag), "",
               "## Use", "", "```python",
               USAGE.replace("PATH", "."), "```", "", "(`.` is this folder; on the Hub, its id.)", "",
               "The modeling code (`hf_modeling.py` around speedchat's own `model.py`) ships in this folder, hence "

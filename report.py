@@ -52,9 +52,10 @@ def write_section(name: str, title: str, data: dict, text: str = ""):
     data = dict(data, run=os.environ.get("SPEEDCHAT_RUN_ID"), written=time.time())
     tag = data.get("tag")
     earlier = _load(report_dir() / str(tag) / f"{name}.json") if tag else {}
-    trained = _load(report_dir() / str(tag) / f"{EVALUATES.get(name)}.json").get("model_time", 0)
-    if name in EVALUATES and earlier.get("model") == data.get("model") and earlier.get("written", 0) > trained:
-        data, text = merged_eval(earlier, data)
+    if name in EVALUATES and earlier.get("model") == data.get("model"):
+        trained = _load(report_dir() / str(tag) / f"{EVALUATES[name]}.json").get("model_time", 0)
+        if earlier.get("written", 0) > trained:
+            data, text = merged_eval(earlier, data)
     if name in TRAINING_SECTIONS:  # a resumed stage that trained no further is the same model
         same = (earlier.get("steps"), earlier.get("curve")) == (data.get("steps"), data.get("curve"))
         data["model_time"] = earlier["model_time"] if same and "model_time" in earlier else data["written"]
@@ -251,9 +252,11 @@ def score_notes(sections: dict) -> list[str]:
     return notes
 
 
-def summary_table(tag: str | None = None) -> str:
-    """The table of headline scores per stage, then the notes that explain it (score_notes)."""
-    sections = {name: read_data(name, tag) for name in SECTION_ORDER}
+def summary_table(tag: str | None = None, sections: dict | None = None) -> str:
+    """The table of headline scores per stage, then the notes that explain it (score_notes); `sections`:
+    the report's sections about `tag`'s model when the caller has read them already."""
+    tag = tag or run_tag()
+    sections = sections or {name: read_data(name, tag) for name in SECTION_ORDER}
     base = sections["base-eval"]
     chats = {"BASE": {}} | {c: sections[EVALUATED[c][0]] for c in chat_columns(sections)}
     dashes = " - |" * (len(chats) - 1)
@@ -337,7 +340,7 @@ def generate(copy_to: Path | None, gpu_hour_usd: float | None = None, tag: str |
     pngs = plot_curves(sections, base_dir)
     samples = sections["base-eval"].get("samples")
     parts = ["# speedchat report", "", "## Summary", "", *summary(sections, gpu_hour_usd), "",
-             summary_table(tag), ""]
+             summary_table(tag, sections), ""]
     parts += ["What the base model says (greedy):", "", *[f"- `{s!r}`" for s in samples], ""] if samples else []
     parts += [f"![{p}]({p})" for p in pngs] + [""] if pngs else []
     for name in SECTION_ORDER:
@@ -369,7 +372,8 @@ def run_sections(run: str) -> dict:
     folder = folder / "report" if (folder / "report").is_dir() else folder
     if not folder.is_dir():
         return {p.stem: _load(p) for p in sorted((report_dir() / run).glob("*.json"))}
-    sections = {name: read_data(name, folder=folder) for name in SECTION_ORDER if name != "header"}
+    tag = run_tag(folder)
+    sections = {name: read_data(name, tag, folder) for name in SECTION_ORDER if name != "header"}
     return {name: data for name, data in sections.items() if data}
 
 
