@@ -144,8 +144,8 @@ def iter_training_texts(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    users = checkpoints_using(get_tokenizer_dir())
-    if users and not args.force:
+    users = [] if args.force else checkpoints_using(get_tokenizer_dir())
+    if users:
         raise UserError(f"the tokenizer in {get_tokenizer_dir()} is the one the checkpoints {', '.join(users)} were "
                         "trained with, and a new one would make them unusable: pass --force to replace it anyway")
     try:
