@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 import core_eval
 from training import default_eval_tokens, evaluate_bpb, sample_greedy
-from common import (UserError, compute_cleanup, compute_init, format_seconds, get_base_dir, get_dtype, print0,
-                    run_main)
+from common import (POSITIVE_OR_ALL, UserError, compute_cleanup, compute_init, format_seconds, get_base_dir, get_dtype,
+                    print0, run_main)
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -40,10 +40,6 @@ def eval_list(text) -> list[str]:
     return evals
 
 
-def count_or_all(text) -> int:
-    return int(text) if int(text) > 0 else -1  # -1: every item
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=["base", "mid", "sft"], default="base", help="which stage's checkpoint to evaluate")
@@ -53,7 +49,7 @@ def parse_args(argv=None):
                    help="comma list of what to run: core, bpb, sample (default: all)")
     p.add_argument("--bundle", default=None,
                    help="unzipped CORE eval bundle folder (default: $SPEEDCHAT_BASE_DIR/eval_bundle, downloaded once)")
-    p.add_argument("--max-per-task", type=count_or_all, default=-1,
+    p.add_argument("--max-per-task", type=POSITIVE_OR_ALL, default=-1,
                    help="evaluate the first N of each CORE task's rows shuffled with a fixed seed (-1 = all)")
     raw_names = ", ".join(raw for raw, _ in core_eval.CONVERTERS.values())
     p.add_argument("--convert-missing", metavar="DIR", help=f"convert {raw_names} in DIR for bundles that lack "
