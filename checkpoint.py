@@ -123,6 +123,12 @@ def acquire_lock(stage, tag) -> Path:
 # Save
 
 
+def write_weights(path, state_dict):
+    """A model's weights as safetensors at `path`, written atomically, under their plain names."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in clean_state_dict(state_dict).items()}, tmp)
+
+
 def save_checkpoint(stage, tag, step, model, optimizers, meta: dict, rank=0, rank_state=None, keep_last=None):
     """Save one step. Every rank calls this: rank 0 writes the model and meta, each rank writes
     its own optimizer shard (plus `rank_state`, any per-rank extras such as RNG or dataloader
@@ -131,9 +137,7 @@ def save_checkpoint(stage, tag, step, model, optimizers, meta: dict, rank=0, ran
     directory = checkpoint_dir(stage, tag)
     directory.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        weights = {k: v.detach().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
-        with atomic_path(_model_path(directory, step)) as tmp:
-            save_file(weights, tmp)
+        write_weights(_model_path(directory, step), model.state_dict())
     if optimizers is not None or rank_state is not None:
         shard = {"optimizers": [opt.state_dict() for opt in (optimizers or [])], "rank_state": rank_state}
         with atomic_path(_optim_path(directory, step, rank)) as tmp:
@@ -276,8 +280,7 @@ def convert(directory):
             state = torch.load(old, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UserError(f"{old} cannot be converted safely (not plain tensors): {str(e).splitlines()[0]}")
-        with atomic_path(old.with_suffix(".safetensors")) as tmp:
-            save_file({k: v.contiguous() for k, v in clean_state_dict(state).items()}, tmp)
+        write_weights(old.with_suffix(".safetensors"), state)
         old.unlink()
         print0(f"converted {old.name} -> {old.with_suffix('.safetensors').name}")
 

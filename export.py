@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_write, print0, run_main
+from common import UserError, atomic_path, atomic_write, print0, run_main
 
 REPO = Path(__file__).resolve().parent
 CHAT_TEMPLATE = (
@@ -93,7 +93,8 @@ def export(source, out, tag=None, step=None, dtype="bfloat16", license="mit"):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {f"gpt.{k}": v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
     for name, text in modeling_files().items():
         atomic_write(out / name, text)
     stop = [tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()]
