@@ -261,7 +261,6 @@ class GPT(nn.Module):
             (self.cos.index_select(1, q_pos), self.sin.index_select(1, q_pos))
         x = x0 = self._embed(idx, kv_cache)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # cast once, not in every layer
-        halfway = x
         for i, block in enumerate(self.blocks):
             if i == self.config.n_layer // 2:
                 halfway = x
