@@ -57,7 +57,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     engine, meta = load_engine(args.source, device, args.tag, args.step, args.decode)
-    if args.decode == "compiled" or (args.decode == "auto" and device.startswith("cuda")):
+    if engine.compiles:
         print("(the first reply waits for the decode step to compile: tens of seconds)", file=sys.stderr)
     if args.prompt is not None:
         if reply(engine, [{"role": "user", "content": args.prompt}], args, 0)[0] is None:

@@ -81,14 +81,9 @@ class Problems:
 def rollout(engine, prompt, num_samples, max_tokens, seed):
     """num_samples answers to `prompt` at temperature 1, each (tokens, sampled): the tokens up to and
     with the stop token (stopping is a choice too), sampled 0 where the calculator forced the token."""
-    answers, done = [([], []) for _ in range(num_samples)], [False] * num_samples
-    for column, sampled in engine.generate(prompt, num_samples, max_tokens=max_tokens, temperature=1.0, seed=seed):
-        for i, (tokens, mask) in enumerate(answers):
-            if not done[i]:
-                tokens.append(column[i])
-                mask.append(sampled[i])
-                done[i] = column[i] in engine.stop_tokens
-    return answers
+    results, masks = engine.generate_batch(prompt, num_samples, keep_stop=True, max_tokens=max_tokens,
+                                           temperature=1.0, seed=seed)
+    return [(tokens[len(prompt):], mask[len(prompt):]) for tokens, mask in zip(results, masks)]
 
 
 def sample_seed(seed, draw):
@@ -200,11 +195,11 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     with training.Run(args, "rl", training.chat_tag(args, "rl")) as run:
-        model, start, train_set, val_set = training.chat_start(
-            run, args, lambda preset, split, paths: rl_tasks(preset, split, paths, args.eval_problems))
-        if args.examples_per_step % run.world_size:
+        if args.examples_per_step % run.world_size:  # before the model and the tasks load
             raise UserError(f"--examples-per-step {args.examples_per_step} is not a multiple of the {run.world_size} "
                             f"processes")
+        model, start, train_set, val_set = training.chat_start(
+            run, args, lambda preset, split, paths: rl_tasks(preset, split, paths, args.eval_problems))
         grader, max_len = train_set.tasks[0], start["max_seq_len"]  # a mixture of one task: its check
         problems = Problems(train_set, run.rank, run.world_size)
         run.prepare(model, problems, lr_scale=args.init_lr_frac, compile_default=False, dynamic=None)

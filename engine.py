@@ -193,11 +193,15 @@ class Engine:
         self._copy_versions = versions
         return self._copy
 
+    @property
+    def compiles(self) -> bool:
+        """Whether decode steps run through the compiled static step (auto: on CUDA)."""
+        return self.decode == "compiled" or (self.decode == "auto" and self._device().type == "cuda")
+
     def _take_decoder(self, runner, batch, needed):
         """The compiled decoder for this batch size (made on first use), or None for the eager loop."""
-        compiled = self.decode == "compiled" or (self.decode == "auto" and self._device().type == "cuda")
         seq_len = self.model.config.sequence_len
-        if not compiled or needed > seq_len:
+        if not self.compiles or needed > seq_len:
             return None
         if batch not in self._decoders:
             self._decoders[batch] = CompiledDecoder(runner, self._new_cache(batch, seq_len))
@@ -311,10 +315,10 @@ class Engine:
             if len(row.python_tokens) > MAX_PYTHON_TOKENS:
                 row.in_python, row.python_tokens = False, []
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
+    def generate_batch(self, tokens, num_samples=1, keep_stop=False, **kwargs):
         """Non-streaming: (results, masks), one list per sample. Each result is the prompt
-        followed by the generated tokens up to (not including) the stop token; masks are
-        0 over the prompt and forced tool output, 1 over sampled tokens."""
+        followed by the generated tokens up to the stop token (included when keep_stop: RL trains
+        on stopping too); masks are 0 over the prompt and forced tool output, 1 over sampled tokens."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
@@ -322,9 +326,8 @@ class Engine:
             for i, (token, mask) in enumerate(zip(column, mask_column)):
                 if done[i]:
                     continue
-                if token in self.stop_tokens:
-                    done[i] = True
-                else:
+                done[i] = token in self.stop_tokens
+                if keep_stop or not done[i]:
                     results[i].append(token)
                     masks[i].append(mask)
             if all(done):

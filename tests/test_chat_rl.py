@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import chat_rl
-from conftest import CHAT, link_base_dir
 from common import global_mean
+from conftest import CHAT, link_base_dir
+from engine import Engine
 from test_chat_stages import resume_is_exact
 
 
@@ -52,13 +53,13 @@ def test_advantages_and_loss_on_a_hand_made_group():
 def test_rollout_keeps_the_stop_token_and_the_forced_mask():
     columns = [([5, 6], [1, 0]), ([9, 7], [1, 1]), ([8, 9], [1, 1])]  # 9 stops a row; 8 comes after a stop
     engine = SimpleNamespace(stop_tokens={9}, generate=lambda *args, **kwargs: iter(columns))
+    engine.generate_batch = lambda *args, **kwargs: Engine.generate_batch(engine, *args, **kwargs)  # the real one
     assert chat_rl.rollout(engine, [1], 2, 3, seed=0) == [([5, 9], [1, 1]), ([6, 7, 9], [0, 1, 1])]
 
 
 def one_step(tokenizer, rank, world_size, check_loss=False):
     """(loss, gradients averaged over ranks) of one RL step on 4 arithmetic problems, rewarded by
     the parity of the answer's length (a reward a tiny model earns half the time)."""
-    from engine import Engine
     from tasks.arithmetic import Arithmetic
 
     model = tiny_model(tokenizer.get_vocab_size())
