@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-from common import get_base_dir, print0, run_main
+import dataset
+from common import POSITIVE, POSITIVE_RATE, get_base_dir, print0, run_main
 from model import GPT, config_from_depth, pretraining_recipe
 
 # Dense peak FLOP/s (bf16 with fp32 accumulation; fp8 where the card has it) from the vendors' data
@@ -44,11 +45,11 @@ GPUS = [  # (part of torch.cuda.get_device_name, memory GiB, bf16 TFLOP/s, fp8 T
     ("RTX 4090", 23.6, 165.2, 330.3),
     ("RTX 3090", 23.6, 71.0, None),
 ]
-# Pretraining sources: characters per shard as published, the index of the last shard (the
-# validation split), and a shard's size on disk.
+# Pretraining sources: characters per shard as published and a shard's size on disk (the index of
+# the last shard, the validation split, is dataset.REMOTE's).
 SOURCES = {
-    "fineweb-edu": dict(chars_per_shard=250e6, last_shard=1822, shard_gb=0.1),
-    "climbmix": dict(chars_per_shard=270e6, last_shard=6542, shard_gb=0.12),
+    "fineweb-edu": dict(chars_per_shard=250e6, shard_gb=0.1),
+    "climbmix": dict(chars_per_shard=270e6, shard_gb=0.12),
 }
 CHARS_PER_TOKEN = 4.8  # our BPE on web text (FineWeb-edu, 32k-64k vocab)
 # The loader starts every row at a document and crops what does not fit (dataloader.py): nanochat
@@ -133,7 +134,7 @@ def make_plan(depth, ratio, gpus, gpu_name, gpu_mem=None, nodes=1, seq_len=2048,
         "device_batch_size": device_batch, "grad_accum": total_batch // (device_batch * seq_len * world),
         "steps": steps, "lr_scale": recipe["lr_scale"], "muon_weight_decay": recipe["weight_decay"],
         "source": source, "shards_needed": shards,
-        "shards_downloaded": min(shards, SOURCES[source]["last_shard"]) + 1,  # + the validation shard
+        "shards_downloaded": min(shards, dataset.REMOTE[source][1]) + 1,  # + the validation shard
         "disk_gb": (shards + 1) * SOURCES[source]["shard_gb"],
         "est_peak_mem_gib": round(peak, 1), "gpu_mem_gib": mem, "fits": bool(fits) and mem is not None,
         "gpu": gpu_name, "gpus": gpus, "nodes": nodes, "gpu_known": card is not None,
@@ -181,30 +182,21 @@ def problems(plan, base_dir):
     return out
 
 
-def positive(kind):
-    def check(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return check
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Plan a pretraining run: what it needs (tokens, shards, memory) "
                                             "and what it costs on the given GPUs.")
-    p.add_argument("--depth", type=positive(int), default=24, help="model depth (default: %(default)s)")
-    p.add_argument("--ratio", type=positive(float), default=8.0,
+    p.add_argument("--depth", type=POSITIVE, default=24, help="model depth (default: %(default)s)")
+    p.add_argument("--ratio", type=POSITIVE_RATE, default=8.0,
                    help="training tokens per scaling parameter (default: %(default)s, the speedrun's)")
-    p.add_argument("--gpus", type=positive(int), default=None, help="GPUs per node (default: this machine's)")
+    p.add_argument("--gpus", type=POSITIVE, default=None, help="GPUs per node (default: this machine's)")
     p.add_argument("--gpu", default=None, help="GPU name as torch reports it (default: this machine's)")
-    p.add_argument("--gpu-mem-gib", type=positive(float), default=None, help="memory per GPU (default: the card's)")
-    p.add_argument("--nodes", type=positive(int), default=1, help="nodes (default: %(default)s)")
+    p.add_argument("--gpu-mem-gib", type=POSITIVE_RATE, default=None, help="memory per GPU (default: the card's)")
+    p.add_argument("--nodes", type=POSITIVE, default=1, help="nodes (default: %(default)s)")
     p.add_argument("--source", choices=sorted(SOURCES), default="climbmix", help="pretraining data (default: %(default)s)")
-    p.add_argument("--vocab-size", type=positive(int), default=32768, help="vocabulary (default: %(default)s)")
-    p.add_argument("--seq-len", type=positive(int), default=2048, help="context length (default: %(default)s)")
-    p.add_argument("--device-batch-size", type=positive(int), default=None, help="rows per GPU (default: the largest that fits)")
-    p.add_argument("--mfu", type=positive(float), default=DEFAULT_MFU, help="assumed MFU (default: %(default)s)")
+    p.add_argument("--vocab-size", type=POSITIVE, default=32768, help="vocabulary (default: %(default)s)")
+    p.add_argument("--seq-len", type=POSITIVE, default=2048, help="context length (default: %(default)s)")
+    p.add_argument("--device-batch-size", type=POSITIVE, default=None, help="rows per GPU (default: the largest that fits)")
+    p.add_argument("--mfu", type=POSITIVE_RATE, default=DEFAULT_MFU, help="assumed MFU (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object (and the text to stderr)")
     p.add_argument("--check", action="store_true", help="exit 1 when the run does not fit in memory or on disk")
     args = p.parse_args(argv)
