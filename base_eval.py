@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import core_eval
 from training import default_eval_tokens, evaluate_bpb, sample_greedy
-from common import (POSITIVE_OR_ALL, UserError, compute_cleanup, compute_init, format_seconds, get_base_dir, get_dtype,
+from common import (POSITIVE_OR_ALL, compute_cleanup, compute_init, format_seconds, get_base_dir, get_dtype,
                     print0, run_main)
 
 SAMPLE_PROMPTS = [
