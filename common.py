@@ -87,6 +87,19 @@ def format_seconds(seconds: float) -> str:
 
 
 @contextlib.contextmanager
+def file_lock(path):
+    """Hold an exclusive lock on `path` (created with its folder): one process at a time builds or
+    downloads what several ranks may ask for at once. Closing the file releases it."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; on success it is fsynced and renamed
     onto `path`, on failure it is removed. Readers never see a half-written file."""

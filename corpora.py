@@ -11,8 +11,6 @@ every machine builds the same corpus.
 """
 
 import ast
-import contextlib
-import fcntl
 import gc
 import hashlib
 import json
@@ -27,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import UserError, atomic_path, atomic_write, print0
+from common import UserError, atomic_path, atomic_write, file_lock, print0
 
 ROWS_PER_GROUP = 1024          # documents per parquet row group (the unit that ranks split)
 GROUPS_PER_SHARD = 8           # row groups per shard for the sources we build
@@ -115,18 +113,6 @@ def write_shards(docs: list[str], folder: Path, val_fraction: float = 0.05) -> l
     return paths
 
 
-@contextlib.contextmanager
-def _build_lock(folder: Path):
-    """One builder at a time per folder (several ranks may call ensure_source at once)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _is_complete(folder: Path, fingerprint: str) -> bool:
     try:
         info = json.loads((folder / "manifest.json").read_text())
@@ -140,7 +126,7 @@ def build(folder: Path, fingerprint: str, make_docs, label: str) -> Path:
     The manifest is written last, so a killed build is simply redone."""
     if _is_complete(folder, fingerprint):
         return folder
-    with _build_lock(folder):
+    with file_lock(folder / ".lock"):  # several ranks may call ensure_source at once
         if _is_complete(folder, fingerprint):
             return folder
         t0 = time.perf_counter()

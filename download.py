@@ -8,13 +8,14 @@ Dropped or timed-out connections, HTTP 429/5xx and bad bytes are retried with ex
 (cut short by Ctrl-C); other HTTP errors fail at once.
 """
 
-import fcntl
 import hashlib
 import os
 import re
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
+
+from common import file_lock
 
 stop = threading.Event()  # set on Ctrl-C so the download threads stop between chunks
 UNREACHABLE = ("DNS lookup failed", "connection refused", "network unreachable", "no route to host",
@@ -160,8 +161,7 @@ def download_file(url: str, path: Path, retries: int = 5, backoff: float = 2.0, 
         os.replace(part, path)
         return path
 
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path.with_name(f".{path.name}.lock")):
         return path if is_valid(path, validate) else _retrying(attempt, url, retries, backoff, fail_fast=False)
 
 

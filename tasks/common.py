@@ -8,7 +8,6 @@ where assistant content is a str or a list of parts {"type": "text"|"python"|"py
 keys; render_conversation ignores them.
 """
 
-import fcntl
 import functools
 import gzip
 import json
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_write, get_base_dir, print0
+from common import UserError, atomic_write, file_lock, get_base_dir, print0
 from corpora import check_parquet
 from download import DownloadError, download_file, request
 from tokenizer import conversation_problem
@@ -250,9 +249,7 @@ def download_hf_parquet(repo, config, split, what=None, hint="") -> list[Path]:
     manifest = folder / "files.json"
     if manifest.exists():
         return [folder / name for name in json.loads(manifest.read_text())]
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(folder / ".lock"):
         if not manifest.exists():  # another process may have finished while we waited
             try:
                 names = _download_split(repo, config, split, folder, what)
