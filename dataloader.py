@@ -62,6 +62,9 @@ SEQ_MASK = (1 << SEQ_BITS) - 1
 
 
 class DataLoader:
+    # a training source that wraps around is news (the log says so); the chat stages loop by design
+    announces_epochs = True
+
     def __init__(self, tokenizer, B, T, split="train", source="stdlib-docs", device="cpu", rank=0, world_size=1,
                  buffer_size=1000, num_threads=4, prefetch=4):
         """B rows of T tokens per batch. source: a source or mixture (dataset.parse_mixture), or a
@@ -180,6 +183,8 @@ class ConversationLoader(DataLoader):
     the long tasks early and the short ones late (offline preset, 150 steps: validation bpb over
     every validation conversation 0.746 with these defaults, 0.843 with the pretraining buffer)."""
 
+    announces_epochs = False
+
     def __init__(self, tokenizer, task, B, T, rank=0, world_size=1, device="cpu", buffer_size=64, chunk=16,
                  prefetch=4):
         self.task, self.chunk = task, chunk
@@ -281,6 +286,7 @@ class _Packer:
     def __init__(self, loader: DataLoader, state: dict, docs: list, stopped: threading.Event):
         self.B, self.T, self.buffer_size, self.max_wait = loader.B, loader.T, loader.buffer_size, loader.max_wait
         self.pin = loader.device.type == "cuda"
+        self.announce_epochs = loader.announces_epochs and loader.split == "train"
         self.docs, self.stopped = docs, stopped
         self.schedule, self.weights = loader.schedule, loader.weights
         self.num_units = [len(units) for units in loader.units]
@@ -350,9 +356,7 @@ class _Packer:
             last = src["unit"] + 1 == self.num_units[s]
             src["epoch"], src["unit"], src["doc"] = src["epoch"] + last, 0 if last else src["unit"] + 1, 0
             self.current[s] = None
-            # a pretraining source that repeats is news (read ahead of training by the buffer); the chat
-            # stages' conversations, validation sets included, are looped over by design
-            if last and self.fixed["split"] == "train" and src["name"] != "conversations":
+            if last and self.announce_epochs:  # (read ahead of training by the buffer)
                 print0(f"data: {src['name']}: epoch {src['epoch'] + 1} begins: its documents repeat")
         return True
 
